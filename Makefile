@@ -1,0 +1,32 @@
+# Everything runs inside ./.venv. `make setup` is idempotent: it reinstalls only when a
+# requirements file changed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# A CPU build of torch: on this project's machines `torch==2.13.0` resolves to a local CPU
+# wheel; an unpinned torch would pull a multi-GB CUDA build. Override on GPU nodes.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest tests
+
+demo: setup
+	$(PY) demo.py
+
+bench: setup
+	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) demo_output

@@ -1,0 +1,62 @@
+import json
+import os
+
+import pytest
+
+import utils
+
+
+def test_templates_are_the_original_characters():
+    with_input = utils.format_prompt("Add the numbers.", "2 and 3")
+    assert with_input == (
+        "Below is an instruction that describes a task, paired with an input that provides further "
+        "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
+        "Add the numbers.\n\n### Input:\n2 and 3\n\n### Response:"
+    )
+    for empty in ("", None):
+        assert utils.format_prompt("Name a color.", empty) == (
+            "Below is an instruction that describes a task. Write a response that appropriately "
+            "completes the request.\n\n### Instruction:\nName a color.\n\n### Response:"
+        )
+
+
+def test_braces_in_text_are_not_format_fields():
+    assert "{x}" in utils.format_prompt("Explain {x} in f-strings.", "{y}")
+
+
+def test_jload_reads_json_and_json_lines(tmp_path):
+    records = [{"instruction": "a", "output": "b"}, {"instruction": "c", "output": "d"}]
+    (tmp_path / "list.json").write_text(json.dumps(records))
+    (tmp_path / "lines.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
+    assert utils.jload(tmp_path / "list.json") == records
+    assert utils.jload(tmp_path / "lines.jsonl") == records
+
+
+def test_jload_names_the_bad_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"a": 1}\n{"a": 2\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl: line 2"):
+        utils.jload(path)
+
+
+def test_jdump_replaces_atomically_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "out.json"
+    utils.jdump([1], path)
+    utils.jdump([1, 2], path)
+    assert json.loads(path.read_text()) == [1, 2]
+    assert os.listdir(tmp_path) == ["out.json"]
+
+
+def test_jdump_keeps_the_old_file_when_serialisation_fails(tmp_path):
+    path = tmp_path / "out.json"
+    utils.jdump({"kept": True}, path)
+    with pytest.raises(ValueError):
+        utils.jdump({"circular": _circular()}, path)
+    assert json.loads(path.read_text()) == {"kept": True}
+    assert os.listdir(tmp_path) == ["out.json"]
+
+
+def _circular():
+    loop = []
+    loop.append(loop)
+    return loop
