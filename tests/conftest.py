@@ -57,7 +57,7 @@ def build_tiny_tokenizer(directory: pathlib.Path, vocab_size: int = 400):
         minloglevel=2,
     )
     (directory / "tokenizer.vocab").unlink()
-    tokenizer = LlamaTokenizer.from_pretrained(str(directory))
+    tokenizer = LlamaTokenizer.from_pretrained(str(directory), add_bos_token=True)
     tokenizer.save_pretrained(str(directory))
     return tokenizer
 
@@ -105,5 +105,5 @@ def llama_tokenizer_dir(tmp_path_factory) -> pathlib.Path:
     model_file = shared_file("sentencepiece_llama_format/tokenizer.model")
     directory = tmp_path_factory.mktemp("llama_tokenizer")
     (directory / "tokenizer.model").write_bytes(model_file.read_bytes())
-    LlamaTokenizer.from_pretrained(str(directory)).save_pretrained(str(directory))
+    LlamaTokenizer.from_pretrained(str(directory), add_bos_token=True).save_pretrained(str(directory))
     return directory
