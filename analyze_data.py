@@ -68,7 +68,7 @@ def check_training_record(record: Any, index: int) -> list[Problem]:
         return [(index, None, f"not a JSON object ({type(record).__name__})")]
     problems = check_string(record, "instruction", index) + check_string(record, "output", index)
     problems += check_string(record, "input", index, required=False)
-    problems += check_example_text(record, index, "instruction", "input", "output")
+    problems += check_content(record, index, ("instruction", "input", "output"))
     return problems
 
 
@@ -83,7 +83,7 @@ def check_seed_record(record: Any, index: int) -> list[Problem]:
         problems.append((index, "is_classification", "missing"))
     elif not isinstance(record["is_classification"], bool):
         problems.append((index, "is_classification", f"not a boolean ({type(record['is_classification']).__name__})"))
-    problems += check_example_text(record, index, "instruction", None, None)
+    problems += check_content(record, index, ("instruction",))
     instances = record.get("instances")
     if not isinstance(instances, list) or not instances:
         problems.append((index, "instances", "missing" if instances is None else "not a non-empty list"))
@@ -95,25 +95,20 @@ def check_seed_record(record: Any, index: int) -> list[Problem]:
             continue
         problems += check_string(instance, f"{prefix}.input", index, key="input")
         problems += check_string(instance, f"{prefix}.output", index, key="output")
-        problems += check_example_text(instance, index, None, "input", "output", prefix=f"{prefix}.")
+        problems += check_content(instance, index, ("input", "output"), prefix=f"{prefix}.")
     return problems
 
 
-def check_example_text(record: dict, index: int, instruction: str | None, input: str | None, output: str | None,
-                       prefix: str = "") -> list[Problem]:
-    """Content problems of the string fields that are present: an empty instruction or output,
-    and an input that repeats the output (the model would learn to copy)."""
+def check_content(record: dict, index: int, keys: tuple[str, ...], prefix: str = "") -> list[Problem]:
+    """Content problems among the string fields `keys` of `record`: an empty instruction or
+    output, and an input that repeats the output (the model would learn to copy)."""
     def text(key):
-        value = record.get(key) if key else None
+        value = record.get(key) if key in keys else None
         return value.strip() if isinstance(value, str) else None
 
-    problems = []
-    if text(instruction) == "":
-        problems.append((index, prefix + instruction, "empty"))
-    if text(output) == "":
-        problems.append((index, prefix + output, "empty"))
-    if text(input) and text(input) == text(output):
-        problems.append((index, prefix + input, "equal to the output"))
+    problems = [(index, prefix + key, "empty") for key in ("instruction", "output") if text(key) == ""]
+    if text("input") and text("input") == text("output"):
+        problems.append((index, prefix + "input", "equal to the output"))
     return problems
 
 
@@ -149,6 +144,7 @@ def find_problems(records: list, data_format: str) -> list[Problem]:
 
 
 def format_problem(path: str, problem: Problem) -> str:
+    """`PATH: record I, field F: what is wrong`, leaving out what does not apply."""
     index, field, message = problem
     where = [f"record {index}"] if index is not None else []
     where += [f'field "{field}"'] if field else []
