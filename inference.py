@@ -1,0 +1,742 @@
+"""Talk to a fine-tuned Alpaca model: one instruction, an interactive loop, a batch over a file,
+or an HTTP server that speaks the OpenAI completions and chat API and serves a small web page.
+
+    python inference.py --model_name_or_path OUT --instruction "Give three tips for staying healthy."
+    python inference.py --model_name_or_path OUT                      # interactive, until EOF
+    python inference.py --model_name_or_path OUT --input_file eval.json --output_file outputs.json
+    python inference.py --model_name_or_path OUT --serve --port 8000  # http://127.0.0.1:8000/
+
+Prompts use the Alpaca template from utils.py, the one training used.
+"""
+import collections
+import contextlib
+import json
+import os
+import queue
+import sys
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Iterator, Sequence
+
+import fire
+import torch
+import transformers
+from tqdm import tqdm
+from transformers.generation.streamers import BaseStreamer
+
+from utils import format_prompt, jdump, jload
+
+
+class UsageError(Exception):
+    """A wrong combination of command-line flags or a bad input file."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_model(
+    model_name_or_path: str, lora_weights: str | None = None, dtype: str = "auto"
+) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
+    """The model (with its LoRA adapter merged when `lora_weights` is given) and its tokenizer,
+    ready for left-padded batched generation."""
+    # train.py saves the tokenizer beside the adapter, with the pad token it may have added.
+    tokenizer_dir = lora_weights if lora_weights and _has_tokenizer(lora_weights) else model_name_or_path
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir, padding_side="left")
+    if tokenizer.pad_token is None:
+        # Only padded positions use it, and the attention mask hides them.
+        tokenizer.pad_token = tokenizer.eos_token
+    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=torch_dtype)
+    if lora_weights:
+        import peft
+
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        model = peft.PeftModel.from_pretrained(model, lora_weights).merge_and_unload()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(device).eval(), tokenizer
+
+
+def _has_tokenizer(directory: str) -> bool:
+    return any(os.path.exists(os.path.join(directory, name)) for name in ("tokenizer.json", "tokenizer.model"))
+
+
+def context_length(model: transformers.PreTrainedModel) -> int:
+    """How many positions (prompt plus completion) the model can attend to."""
+    return int(getattr(model.config, "max_position_embeddings", None) or 2048)
+
+
+def eos_token_ids(model: transformers.PreTrainedModel, tokenizer) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos])
+
+
+def decoding_kwargs(
+    temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, num_beams: int = 1, repetition_penalty: float = 1.0
+) -> dict:
+    """Keyword arguments for `model.generate`: greedy (or beam search) when temperature is 0."""
+    kwargs: dict[str, Any] = dict(num_beams=num_beams, repetition_penalty=repetition_penalty)
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
+    else:
+        # Override whatever sampling defaults the checkpoint's generation_config carries.
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str  # "stop" (end of sequence or a stop string) or "length" (max_new_tokens)
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def decode_new_text(tokenizer, prompt_ids: Sequence[int], new_ids: Sequence[int]) -> str:
+    """The text of `new_ids` as it continues the prompt.
+
+    Decoding new tokens alone drops the leading space of SentencePiece tokenizers ("▁The" ->
+    "The"), so they are decoded after the prompt's last few tokens and that prefix is removed."""
+    context = list(prompt_ids[-4:])
+    head = tokenizer.decode(context, skip_special_tokens=True)
+    full = tokenizer.decode(context + list(new_ids), skip_special_tokens=True)
+    if full.startswith(head):
+        return full[len(head):]
+    return tokenizer.decode(list(new_ids), skip_special_tokens=True)
+
+
+def find_stop(text: str, stop: Sequence[str]) -> int:
+    """Index of the earliest stop string in `text`, or -1."""
+    found = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return min(found) if found else -1
+
+
+def finish(tokenizer, prompt_ids: Sequence[int], new_ids: Sequence[int], end_ids: set[int], stop: Sequence[str],
+           eos_ids: set[int]) -> Completion:
+    """Cut the generated tokens at the end of sequence (or padding) and the text at a stop string."""
+    new_ids = list(new_ids)
+    reason = "length"
+    for position, token in enumerate(new_ids):
+        if token in end_ids:
+            reason = "stop" if token in eos_ids else reason
+            new_ids = new_ids[:position]
+            break
+    text = decode_new_text(tokenizer, prompt_ids, new_ids)
+    cut = find_stop(text, stop)
+    if cut >= 0:
+        text, reason = text[:cut], "stop"
+    return Completion(text, reason, len(prompt_ids), len(new_ids))
+
+
+def complete_batch(
+    model, tokenizer, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str] = (), **decoding
+) -> list[Completion]:
+    """Complete several raw prompts at once, left-padded so that every prompt ends at the same
+    position and the new tokens line up."""
+    encoded = [tokenizer(prompt)["input_ids"] for prompt in prompts]
+    batch = tokenizer.pad({"input_ids": encoded}, padding=True, return_tensors="pt").to(model.device)
+    if stop:
+        decoding.update(stop_strings=list(stop), tokenizer=tokenizer)
+    output = model.generate(
+        **batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **decoding
+    )
+    new_tokens = output[:, batch["input_ids"].shape[1]:].tolist()
+    eos_ids = eos_token_ids(model, tokenizer)
+    end_ids = eos_ids | {tokenizer.pad_token_id}
+    return [finish(tokenizer, ids, new, end_ids, stop, eos_ids) for ids, new in zip(encoded, new_tokens)]
+
+
+class TokenQueue(BaseStreamer):
+    """Receives the new tokens from `generate` (running in another thread) and hands them to
+    the consumer through a queue."""
+
+    def __init__(self):
+        self.queue: queue.Queue = queue.Queue()
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate first passes the prompt itself
+            self.prompt_seen = True
+            return
+        self.queue.put(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self.queue.put(None)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while (tokens := self.queue.get()) is not None:
+            yield tokens
+
+
+class WhenCancelled(transformers.StoppingCriteria):
+    """Stops generation once the consumer has what it needs (a stop string, a closed connection)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def stream_completion(
+    model, tokenizer, prompt: str, max_new_tokens: int, stop: Sequence[str] = (), **decoding
+) -> Iterator[tuple[str, str | None]]:
+    """Complete one raw prompt, yielding `(new_text, None)` as tokens arrive and finally
+    `(last_text, finish_reason)`. The concatenated text equals `complete_batch`'s for the same
+    prompt. Closing the iterator early stops the generation."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    streamer, cancelled, errors = TokenQueue(), threading.Event(), []
+
+    def run() -> None:
+        try:
+            model.generate(
+                input_ids=torch.tensor([prompt_ids], device=model.device),
+                attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=model.device),
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                streamer=streamer,
+                stopping_criteria=transformers.StoppingCriteriaList([WhenCancelled(cancelled)]),
+                **decoding,
+            )
+        except BaseException as error:  # re-raised in the consumer's thread
+            errors.append(error)
+        finally:
+            streamer.end()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    eos_ids = eos_token_ids(model, tokenizer)
+    end_ids = eos_ids | {tokenizer.pad_token_id}
+    # Text that could be the start of a stop string is held back until it is known not to be.
+    hold = max((len(s) for s in stop), default=1) - 1
+    new_ids: list[int] = []
+    sent = 0
+    completion = None
+    try:
+        for tokens in streamer:
+            new_ids += tokens
+            completion = finish(tokenizer, prompt_ids, new_ids, end_ids, stop, eos_ids)
+            if completion.finish_reason == "stop":
+                break
+            # A trailing U+FFFD is a character whose bytes have not all arrived yet.
+            ready = len(completion.text.rstrip("\ufffd")) - hold
+            if ready > sent:
+                yield completion.text[sent:ready], None
+                sent = ready
+    finally:
+        cancelled.set()
+        thread.join()
+    if errors:
+        raise errors[0]
+    if completion is None:  # max_new_tokens was 0
+        completion = finish(tokenizer, prompt_ids, [], end_ids, stop, eos_ids)
+    yield completion.text[sent:], completion.finish_reason
+
+
+def stripped(chunks: Iterator[tuple[str, str | None]]) -> Iterator[tuple[str, str | None]]:
+    """A streamed response without leading and trailing whitespace, the same as `text.strip()`
+    of the whole (trailing whitespace is held back until more text follows it)."""
+    text, sent = "", 0
+    for delta, reason in chunks:
+        text += delta
+        visible = text.strip()
+        if len(visible) > sent or reason is not None:
+            yield visible[sent:], reason
+            sent = len(visible)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: one instruction, interactive loop, batch over a file
+
+
+def print_response(model, tokenizer, instruction: str, input: str | None, max_new_tokens: int, **decoding) -> str:
+    """Generate the response to one instruction, printing it as it comes; returns it."""
+    prompt = format_prompt(instruction, input)
+    if decoding.get("num_beams", 1) > 1:  # beam search cannot stream: it picks the best beam at the end
+        response = complete_batch(model, tokenizer, [prompt], max_new_tokens, **decoding)[0].text.strip()
+        print(response, flush=True)
+        return response
+    pieces = []
+    for delta, _ in stripped(stream_completion(model, tokenizer, prompt, max_new_tokens, **decoding)):
+        print(delta, end="", flush=True)
+        pieces.append(delta)
+    print(flush=True)
+    return "".join(pieces)
+
+
+def interactive(model, tokenizer, max_new_tokens: int, **decoding) -> None:
+    """Read an instruction and an optional input from stdin, respond, repeat until end of file.
+    The prompts go to stderr so that stdout holds only the responses."""
+    while True:
+        sys.stderr.write("Instruction: ")
+        sys.stderr.flush()
+        instruction = sys.stdin.readline()
+        if not instruction:
+            break
+        if not instruction.strip():
+            continue
+        sys.stderr.write("Input (optional, Enter to skip): ")
+        sys.stderr.flush()
+        input = sys.stdin.readline().strip()
+        print_response(model, tokenizer, instruction.strip(), input, max_new_tokens, **decoding)
+    sys.stderr.write("\n")
+
+
+def read_instructions(path: str) -> list[dict]:
+    """The `{instruction, input?}` records of a JSON or JSON Lines file, checked."""
+    records = jload(path)
+    if not isinstance(records, list):
+        raise UsageError(f"{path}: expected a list of records, found {type(records).__name__}")
+    for number, record in enumerate(records):
+        if not isinstance(record, dict) or not isinstance(record.get("instruction"), str):
+            raise UsageError(f"{path}: record {number} has no string 'instruction': {str(record)[:200]}")
+        if not isinstance(record.get("input") or "", str):
+            raise UsageError(f"{path}: record {number}: 'input' must be a string, found {record['input']!r}")
+    return records
+
+
+def record_key(record: dict) -> tuple[str, str]:
+    return record["instruction"], record.get("input") or ""
+
+
+def run_batch(
+    model, tokenizer, input_file: str, output_file: str, generator: str, batch_size: int, max_new_tokens: int,
+    **decoding,
+) -> None:
+    """Respond to every record of `input_file`, writing `{instruction, input, output, generator}`
+    records (AlpacaEval's model_outputs.json shape, other fields kept) to `output_file` after each
+    batch. Records already in `output_file` are kept and not generated again."""
+    records = read_instructions(input_file)
+    done: dict[int, dict] = {}
+    if os.path.exists(output_file):
+        previous = read_instructions(output_file)
+        # Match earlier outputs to input records by (instruction, input), duplicates in order.
+        positions = collections.defaultdict(collections.deque)
+        for index, record in enumerate(records):
+            positions[record_key(record)].append(index)
+        for number, record in enumerate(previous):
+            if not positions[record_key(record)] or not isinstance(record.get("output"), str):
+                raise UsageError(
+                    f"{output_file}: record {number} is not a response to a record of {input_file}; "
+                    "choose another --output_file"
+                )
+            done[positions[record_key(record)].popleft()] = record
+    todo = [index for index in range(len(records)) if index not in done]
+    # Longest prompts first: similar lengths share a batch (less padding), and a batch too big
+    # for memory fails at once rather than at the end.
+    prompts = {index: format_prompt(records[index]["instruction"], records[index].get("input")) for index in todo}
+    todo.sort(key=lambda index: -len(prompts[index]))
+    print(f"{len(done)} of {len(records)} records already in {output_file}; generating {len(todo)}", file=sys.stderr)
+    with tqdm(total=len(todo), desc="generating", unit="record") as progress:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            completions = complete_batch(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens, **decoding)
+            for index, completion in zip(chunk, completions):
+                record = records[index]
+                done[index] = {**record, "instruction": record["instruction"], "input": record.get("input") or "",
+                               "output": completion.text.strip(), "generator": generator}
+            jdump([done[index] for index in sorted(done)], output_file)
+            progress.update(len(chunk))
+    if not todo:
+        jdump([done[index] for index in sorted(done)], output_file)
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP server: OpenAI-compatible /v1/completions and /v1/chat/completions, and a web page at /
+
+MAX_BODY_BYTES = 1 << 20
+MAX_N = 16
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Alpaca</title>
+<style>
+body { font-family: sans-serif; max-width: 46em; margin: 2em auto; padding: 0 1em; }
+textarea { width: 100%; box-sizing: border-box; }
+label { display: block; margin-top: .8em; }
+#response { white-space: pre-wrap; border: 1px solid #ccc; padding: .8em; min-height: 3em; margin-top: 1em; }
+</style></head>
+<body>
+<h1>Alpaca: <span id="model"></span></h1>
+<label>Instruction <textarea id="instruction" rows="3"></textarea></label>
+<label>Input (optional) <textarea id="input" rows="2"></textarea></label>
+<label>Temperature <input id="temperature" type="number" min="0" max="2" step="0.1" value="0.7"></label>
+<label>Max tokens <input id="max_tokens" type="number" min="1" step="1" value="256"></label>
+<p><button id="generate">Generate</button></p>
+<div id="response" data-state="idle"></div>
+<script>
+const $ = (id) => document.getElementById(id);
+fetch("/v1/models").then((r) => r.json()).then((m) => { $("model").textContent = m.data[0].id; });
+$("generate").onclick = async () => {
+  const out = $("response");
+  out.textContent = ""; out.dataset.state = "running"; $("generate").disabled = true;
+  try {
+    const reply = await fetch("/v1/chat/completions", {
+      method: "POST", headers: {"Content-Type": "application/json"},
+      body: JSON.stringify({
+        messages: [{role: "user", content: $("instruction").value}], input: $("input").value,
+        temperature: Number($("temperature").value), max_tokens: Number($("max_tokens").value), stream: true}),
+    });
+    if (!reply.ok) throw new Error((await reply.json()).error.message);
+    const reader = reply.body.getReader(), decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const {value, done} = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, {stream: true});
+      const events = buffer.split("\\n\\n"); buffer = events.pop();
+      for (const event of events) {
+        const data = event.replace(/^data: /, "");
+        if (data === "[DONE]") continue;
+        const chunk = JSON.parse(data);
+        if (chunk.error) throw new Error(chunk.error.message);
+        out.textContent += chunk.choices[0].delta.content || "";
+      }
+    }
+    out.dataset.state = "done";
+  } catch (error) {
+    out.textContent = "Error: " + error.message; out.dataset.state = "error";
+  } finally {
+    $("generate").disabled = false;
+  }
+};
+</script>
+</body></html>
+"""
+
+
+class RequestError(Exception):
+    """A request the server refuses, with the HTTP status to answer."""
+
+    def __init__(self, message: str, status: int = HTTPStatus.BAD_REQUEST):
+        super().__init__(message)
+        self.status = status
+
+
+def get_field(body: dict, name: str, kind: type | tuple, default: Any, low: float | None = None,
+              high: float | None = None) -> Any:
+    """`body[name]` checked for type and range, or `default` when absent or null."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
+        expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise RequestError(f"'{name}' must be {expected}, got {json.dumps(value)[:100]}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise RequestError(f"'{name}' must be between {low} and {high}, got {value}")
+    return value
+
+
+def message_text(content: Any) -> str:
+    """The text of a chat message's content: a string, or a list of `{type: text, text}` parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in content):
+        return "".join(part["text"] for part in content)
+    raise RequestError("a message's 'content' must be a string or a list of text parts")
+
+
+class InferenceServer(ThreadingHTTPServer):
+    """One model behind a lock: requests are parsed concurrently, generated one at a time."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], model, tokenizer, model_id: str, max_new_tokens: int,
+                 batch_size: int, defaults: dict):
+        super().__init__(address, RequestHandler)
+        self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
+        self.max_new_tokens, self.batch_size, self.defaults = max_new_tokens, batch_size, defaults
+        self.lock = threading.Lock()
+
+
+class RequestHandler(BaseHTTPRequestHandler):
+    server: InferenceServer
+
+    # --- plumbing
+
+    def send_json(self, payload: dict, status: int = HTTPStatus.OK) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def send_error_json(self, status: int, message: str) -> None:
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        self.send_json({"error": {"message": message, "type": kind, "param": None, "code": None}}, status)
+
+    def read_json(self) -> dict:
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise RequestError("a JSON body with a Content-Length header is required", HTTPStatus.LENGTH_REQUIRED)
+        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+            raise RequestError(f"the body must be at most {MAX_BODY_BYTES} bytes", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+        try:
+            body = json.loads(self.rfile.read(int(length)))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise RequestError(f"the body is not valid JSON: {error}") from None
+        if not isinstance(body, dict):
+            raise RequestError("the body must be a JSON object")
+        return body
+
+    def do_GET(self) -> None:
+        if self.path == "/":
+            page = PAGE.encode()
+            self.send_response(HTTPStatus.OK)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+        elif self.path == "/v1/models":
+            self.send_json({"object": "list", "data": [
+                {"id": self.server.model_id, "object": "model", "created": 0, "owned_by": "local"}]})
+        else:
+            self.send_error_json(HTTPStatus.NOT_FOUND, f"no such path: {self.path}")
+
+    def do_POST(self) -> None:
+        handlers = {"/v1/completions": self.completions, "/v1/chat/completions": self.chat_completions}
+        if self.path not in handlers:
+            self.send_error_json(HTTPStatus.NOT_FOUND, f"no such path: {self.path}")
+            return
+        try:
+            handlers[self.path](self.read_json())
+        except RequestError as error:
+            self.send_error_json(error.status, str(error))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client went away; its generation was stopped
+        except Exception as error:
+            traceback.print_exc()
+            self.send_error_json(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(error).__name__}: {error}")
+
+    # --- the OpenAI API
+
+    def sampling(self, body: dict, max_tokens_names: Sequence[str]) -> dict:
+        """The decoding settings of a request; the server's command-line flags are the defaults."""
+        max_tokens = self.server.max_new_tokens
+        for name in max_tokens_names:
+            max_tokens = get_field(body, name, int, max_tokens, low=1)
+        stop = get_field(body, "stop", (str, list), [])
+        stop = [stop] if isinstance(stop, str) else stop
+        if not all(isinstance(s, str) for s in stop):
+            raise RequestError("'stop' must be a string or a list of strings")
+        defaults = self.server.defaults
+        temperature = get_field(body, "temperature", (int, float), defaults["temperature"], 0, 2)
+        top_p = get_field(body, "top_p", (int, float), defaults["top_p"], 0, 1)
+        if top_p == 0:
+            raise RequestError("'top_p' must be above 0")
+        decoding = decoding_kwargs(temperature, top_p, defaults["top_k"], defaults["num_beams"],
+                                   defaults["repetition_penalty"])
+        return dict(
+            max_tokens=max_tokens,
+            stop=[s for s in stop if s],
+            n=get_field(body, "n", int, 1, 1, MAX_N),
+            seed=get_field(body, "seed", int, None),
+            stream=get_field(body, "stream", bool, False),
+            decoding=decoding,
+        )
+
+    def check_length(self, prompt: str, max_tokens: int) -> int:
+        """`max_tokens` cut to what fits in the model's context after the prompt; a prompt that
+        leaves no room is refused."""
+        tokens = len(self.server.tokenizer(prompt)["input_ids"])
+        room = context_length(self.server.model) - tokens
+        if room < 1:
+            raise RequestError(
+                f"the prompt is {tokens} tokens; this model's context is {context_length(self.server.model)} tokens"
+            )
+        return min(max_tokens, room)
+
+    def completions(self, body: dict) -> None:
+        prompts = body.get("prompt")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise RequestError("'prompt' is required: a string or a non-empty list of strings")
+        self.respond("text_completion", prompts, self.sampling(body, ["max_tokens"]))
+
+    def chat_completions(self, body: dict) -> None:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            raise RequestError("'messages' is required: a non-empty list of {role, content} objects")
+        users = [m for m in messages if m.get("role") == "user"]
+        if not users:
+            raise RequestError("'messages' has no message with role 'user'")
+        # Alpaca is single-turn: the last user message is the instruction; `input` (an extension
+        # to the OpenAI API) is the optional input of the Alpaca template.
+        instruction = message_text(users[-1].get("content"))
+        input = get_field(body, "input", str, "")
+        sampling = self.sampling(body, ["max_tokens", "max_completion_tokens"])
+        self.respond("chat.completion", [format_prompt(instruction, input)], sampling)
+
+    def respond(self, kind: str, prompts: list[str], sampling: dict) -> None:
+        max_tokens = min(self.check_length(prompt, sampling["max_tokens"]) for prompt in prompts)
+        # Choice i * n + j is the j-th completion of prompt i, as in the OpenAI API.
+        expanded = [prompt for prompt in prompts for _ in range(sampling["n"])]
+        header = {"id": f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex}",
+                  "created": int(time.time()), "model": self.server.model_id}
+        with self.server.lock:
+            if sampling["seed"] is not None:
+                transformers.set_seed(sampling["seed"])
+            if sampling["stream"]:
+                self.stream(kind, header, expanded, max_tokens, sampling)
+                return
+            completions = []
+            for start in range(0, len(expanded), self.server.batch_size):
+                completions += complete_batch(
+                    self.server.model, self.server.tokenizer, expanded[start:start + self.server.batch_size],
+                    max_tokens, sampling["stop"], **sampling["decoding"],
+                )
+        if kind == "chat.completion":
+            choices = [{"index": i, "message": {"role": "assistant", "content": c.text.strip()},
+                        "finish_reason": c.finish_reason} for i, c in enumerate(completions)]
+        else:
+            choices = [{"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
+                       for i, c in enumerate(completions)]
+        prompt_tokens = sum(c.prompt_tokens for c in completions[::sampling["n"]])
+        completion_tokens = sum(c.completion_tokens for c in completions)
+        self.send_json({**header, "object": kind, "choices": choices, "usage": {
+            "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}})
+
+    def stream(self, kind: str, header: dict, prompts: list[str], max_tokens: int, sampling: dict) -> None:
+        """Server-sent events: one chunk per piece of text, choices one after another, then [DONE]."""
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+        chat = kind == "chat.completion"
+
+        def send(choice: dict) -> None:
+            chunk = {**header, "object": "chat.completion.chunk" if chat else "text_completion", "choices": [choice]}
+            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            self.wfile.flush()
+
+        try:
+            for index, prompt in enumerate(prompts):
+                chunks = stream_completion(self.server.model, self.server.tokenizer, prompt, max_tokens,
+                                           sampling["stop"], **sampling["decoding"])
+                if chat:
+                    chunks = stripped(chunks)
+                    send({"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+                with contextlib.closing(chunks):
+                    for delta, reason in chunks:
+                        if chat:
+                            send({"index": index, "delta": {"content": delta} if delta else {}, "finish_reason": reason})
+                        else:
+                            send({"index": index, "text": delta, "logprobs": None, "finish_reason": reason})
+        except (BrokenPipeError, ConnectionResetError):
+            raise
+        except Exception as error:  # the status line is gone already: report in the stream
+            traceback.print_exc()
+            self.wfile.write(f"data: {json.dumps({'error': {'message': str(error), 'type': 'server_error'}})}\n\n".encode())
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
+
+
+def run_server(model, tokenizer, model_id: str, host: str, port: int, max_new_tokens: int, batch_size: int,
+               defaults: dict) -> None:
+    """Serve until interrupted; `defaults` are the decoding flags requests may override."""
+    server = InferenceServer((host, port), model, tokenizer, model_id, max_new_tokens, batch_size, defaults)
+    print(f"serving {model_id} on http://{host}:{server.server_port}/ (OpenAI API at "
+          f"http://{host}:{server.server_port}/v1)", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(
+    model_name_or_path: str,
+    instruction: str | None = None,
+    input: str | None = None,
+    lora_weights: str | None = None,
+    input_file: str | None = None,
+    output_file: str | None = None,
+    serve: bool = False,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    num_beams: int = 1,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    batch_size: int = 8,
+    generator: str | None = None,
+    dtype: str = "auto",
+) -> None:
+    """Generate with a fine-tuned model. With --instruction: print the response (streamed). With
+    --input_file/--output_file: respond to every record of a file. With --serve: run an HTTP
+    server. With none of them: read instructions from stdin until end of file.
+
+    Args:
+        model_name_or_path: a checkpoint directory (train.py's --output_dir, or a recovered model).
+        instruction: the instruction to respond to.
+        input: optional input (context) for the instruction.
+        lora_weights: a LoRA adapter directory (train.py --use_lora) to apply to the model.
+        input_file: a JSON or JSON Lines list of {instruction, input?} records.
+        output_file: where batch mode writes {instruction, input, output, generator} records;
+            records already there are kept and skipped (restartable).
+        serve: run the HTTP server (OpenAI /v1/completions, /v1/chat/completions; a page at /).
+        host: address to listen on; 127.0.0.1 keeps the server private to this machine.
+        port: port to listen on (0 picks a free one).
+        max_new_tokens: most tokens to generate per response (the server's default max_tokens).
+        temperature: 0 is greedy decoding; above 0 samples.
+        top_p: nucleus sampling mass (when sampling).
+        top_k: sample among the k most likely tokens only; 0 is no limit (when sampling).
+        num_beams: beam search width; above 1 disables streaming in the terminal.
+        repetition_penalty: above 1 discourages repeating tokens.
+        seed: random seed, for reproducible sampling.
+        batch_size: prompts generated together in batch mode and per server request.
+        generator: the name written into batch outputs (default: the model or adapter folder name).
+        dtype: weights' dtype: auto (as saved), float32, bfloat16 or float16.
+    """
+    if serve and (instruction is not None or input_file is not None):
+        raise UsageError("--serve takes no --instruction or --input_file")
+    if (input_file is None) != (output_file is None):
+        raise UsageError("--input_file and --output_file go together")
+    if input_file is not None and instruction is not None:
+        raise UsageError("use either --instruction or --input_file")
+    if input is not None and instruction is None:
+        raise UsageError("--input needs --instruction")
+    if seed is not None:
+        transformers.set_seed(seed)
+    model, tokenizer = load_model(model_name_or_path, lora_weights, dtype)
+    decoding = decoding_kwargs(temperature, top_p, top_k, num_beams, repetition_penalty)
+    name = os.path.basename(os.path.normpath(lora_weights or model_name_or_path))
+    if serve:
+        defaults = dict(temperature=temperature, top_p=top_p, top_k=top_k, num_beams=num_beams,
+                        repetition_penalty=repetition_penalty)
+        run_server(model, tokenizer, name, host, port, max_new_tokens, batch_size, defaults)
+    elif input_file is not None:
+        run_batch(model, tokenizer, input_file, output_file, generator or name, batch_size, max_new_tokens, **decoding)
+    elif instruction is not None:
+        print_response(model, tokenizer, str(instruction), None if input is None else str(input), max_new_tokens,
+                       **decoding)
+    else:
+        interactive(model, tokenizer, max_new_tokens, **decoding)
+
+
+if __name__ == "__main__":
+    try:
+        fire.Fire(main)
+    except UsageError as e:
+        sys.exit(f"inference.py: error: {e}")

@@ -1,0 +1,332 @@
+"""inference.py on a tiny random LLaMA: the command line (one-shot, interactive, batch, LoRA),
+and the HTTP server through the real openai client, raw HTTP and a real headless browser.
+
+Budget: under 3 minutes on 2 CPU cores (about ten subprocesses that load the tiny model)."""
+import http.client
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import ROOT
+from inference import complete_batch, load_model, stream_completion
+from utils import format_prompt, jdump, jload
+
+INSTRUCTIONS = [
+    ("Give three tips for staying healthy.", ""),
+    ("Translate the sentence into French.", "The quick brown fox jumps over the lazy dog."),
+    ("Classify the review as positive or negative.", "The cat sleeps in the sun."),
+    ("Summarize the following article in two sentences.", "It rained all day in the city while the fox slept."),
+    ("Write a response.", ""),
+]
+
+
+def run_inference(*args: str, stdin: bytes | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """inference.py in a subprocess; stdout as UTF-8 text without newline translation (a random
+    model may print a carriage return)."""
+    result = subprocess.run([sys.executable, str(ROOT / "inference.py"), *map(str, args)], input=stdin,
+                            capture_output=True, timeout=120)
+    if check:
+        assert result.returncode == 0, result.stderr.decode(errors="replace")[-3000:]
+    result.stdout = result.stdout.decode("utf-8")
+    return result
+
+
+def reference_response(model_dir, instruction: str, input: str = "", max_new_tokens: int = 24) -> str:
+    """The greedy response computed directly with transformers: generate, stop at EOS, decode."""
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    ids = tokenizer(format_prompt(instruction, input), return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id)
+    new = output[0, ids.shape[1]:].tolist()
+    if tokenizer.eos_token_id in new:
+        new = new[:new.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir):
+    return load_model(str(tiny_llama_dir))
+
+
+# --- command line ----------------------------------------------------------------------------
+
+
+def test_one_shot_prints_only_the_response(tiny_llama_dir):
+    instruction, input = INSTRUCTIONS[1]
+    result = run_inference("--model_name_or_path", tiny_llama_dir, "--instruction", instruction,
+                           "--input", input, "--max_new_tokens", 24)
+    expected = reference_response(tiny_llama_dir, instruction, input)
+    assert expected, "the reference response is empty: the comparison would prove nothing"
+    assert result.stdout == expected + "\n"
+
+
+def test_streamed_text_equals_batch_text_also_with_stop_strings(tiny):
+    model, tokenizer = tiny
+    prompt = format_prompt(*INSTRUCTIONS[0])
+    whole = complete_batch(model, tokenizer, [prompt], 30)[0]
+    chunks = list(stream_completion(model, tokenizer, prompt, 30))
+    assert len(chunks) > 3, "the text did not arrive in pieces"
+    assert "".join(delta for delta, _ in chunks) == whole.text
+    assert [reason for _, reason in chunks[:-1]] == [None] * (len(chunks) - 1)
+    assert chunks[-1][1] == whole.finish_reason
+
+    # A stop string that spans two streamed pieces (so the first piece must be held back):
+    # both paths cut just before it.
+    middle = len(chunks) // 2
+    stop = chunks[middle - 1][0][-1] + chunks[middle][0][:2]
+    cut = complete_batch(model, tokenizer, [prompt], 30, stop=[stop, "never appears"])[0]
+    assert cut.text == whole.text[:whole.text.find(stop)] and cut.finish_reason == "stop"
+    streamed = list(stream_completion(model, tokenizer, prompt, 30, stop=["never appears", stop]))
+    assert "".join(delta for delta, _ in streamed) == cut.text and streamed[-1][1] == "stop"
+
+
+def test_left_padded_batches_equal_one_at_a_time(tiny):
+    model, tokenizer = tiny
+    prompts = [format_prompt(*pair) for pair in INSTRUCTIONS]
+    assert len({len(tokenizer(p)["input_ids"]) for p in prompts}) > 1, "prompts must differ in length"
+    batched = complete_batch(model, tokenizer, prompts, 20)
+    alone = [complete_batch(model, tokenizer, [p], 20)[0] for p in prompts]
+    assert [c.text for c in batched] == [c.text for c in alone]
+    assert [c.completion_tokens for c in batched] == [c.completion_tokens for c in alone]
+
+
+def test_interactive_loop_until_end_of_file(tiny_llama_dir):
+    (first, _), (second, second_input) = INSTRUCTIONS[0], INSTRUCTIONS[2]
+    stdin = f"{first}\n\n{second}\n{second_input}\n".encode()
+    result = run_inference("--model_name_or_path", tiny_llama_dir, "--max_new_tokens", 24, stdin=stdin)
+    expected = [reference_response(tiny_llama_dir, first), reference_response(tiny_llama_dir, second, second_input)]
+    assert result.stdout == expected[0] + "\n" + expected[1] + "\n"
+    assert result.stderr.decode().count("Instruction: ") == 3  # the third one met end of file
+
+
+def test_lora_adapter_is_applied(tiny_llama_dir, tmp_path):
+    import peft
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir))
+    config = peft.LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj", "down_proj"],
+                             init_lora_weights=False, task_type="CAUSAL_LM")
+    torch.manual_seed(1)
+    adapted = peft.get_peft_model(base, config)
+    adapted.save_pretrained(str(tmp_path / "adapter"))
+    merged_dir = tmp_path / "merged"
+    adapted.merge_and_unload().save_pretrained(str(merged_dir))
+    for name in os.listdir(tiny_llama_dir):
+        if name.startswith("tokenizer") or name == "special_tokens_map.json":
+            shutil.copy(tiny_llama_dir / name, merged_dir / name)
+
+    instruction = INSTRUCTIONS[0][0]
+    result = run_inference("--model_name_or_path", tiny_llama_dir, "--lora_weights", tmp_path / "adapter",
+                           "--instruction", instruction, "--max_new_tokens", 24)
+    with_adapter = result.stdout.rstrip("\n")
+    assert with_adapter == reference_response(merged_dir, instruction)
+    assert with_adapter != reference_response(tiny_llama_dir, instruction)
+
+
+def test_batch_file_writes_alpaca_eval_records_and_restarts(tiny_llama_dir, tmp_path):
+    records = [{"instruction": i, "input": x, "dataset": "test"} for i, x in INSTRUCTIONS]
+    records[4].pop("input")
+    input_file, output_file = tmp_path / "eval.jsonl", tmp_path / "outputs.json"
+    input_file.write_text("".join(json.dumps(r) + "\n" for r in records))
+    args = ["--model_name_or_path", tiny_llama_dir, "--input_file", input_file, "--output_file", output_file,
+            "--max_new_tokens", 16, "--batch_size", 3]
+
+    run_inference(*args)
+    outputs = jload(output_file)
+    assert [(o["instruction"], o["input"]) for o in outputs] == INSTRUCTIONS
+    assert all(o["generator"] == tiny_llama_dir.name and o["dataset"] == "test" for o in outputs)
+    assert [o["output"] for o in outputs] == [reference_response(tiny_llama_dir, i, x, 16) for i, x in INSTRUCTIONS]
+
+    # Restart with two records done, one of them edited: it is kept, the other three are made.
+    kept = dict(outputs[3], output="kept from the first run")
+    jdump([kept, outputs[0]], output_file)
+    result = run_inference(*args)
+    assert "2 of 5 records already" in result.stderr.decode()
+    assert jload(output_file) == outputs[:3] + [kept] + outputs[4:]
+
+
+def test_batch_file_errors_name_the_file_and_record(tiny_llama_dir, tmp_path):
+    input_file, output_file = tmp_path / "eval.json", tmp_path / "outputs.json"
+    jdump([{"instruction": "Fine."}, {"input": "no instruction"}], input_file)
+    result = run_inference("--model_name_or_path", tiny_llama_dir, "--input_file", input_file,
+                           "--output_file", output_file, check=False)
+    assert result.returncode != 0 and f"{input_file}: record 1 has no string 'instruction'" in result.stderr.decode()
+    assert not output_file.exists()
+
+    # An output file from another input is refused, and left as it was.
+    jdump([{"instruction": "Fine."}], input_file)
+    jdump([{"instruction": "Something else.", "input": "", "output": "x", "generator": "g"}], output_file)
+    before = output_file.read_bytes()
+    result = run_inference("--model_name_or_path", tiny_llama_dir, "--input_file", input_file,
+                           "--output_file", output_file, check=False)
+    assert result.returncode != 0 and f"{output_file}: record 0 is not a response" in result.stderr.decode()
+    assert output_file.read_bytes() == before
+
+
+# --- the server -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama_dir):
+    """inference.py --serve on a free port, in a subprocess; yields its base URL."""
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "inference.py"), "--model_name_or_path", str(tiny_llama_dir), "--serve",
+         "--port", "0", "--max_new_tokens", "16"],
+        stderr=subprocess.PIPE, text=True,
+    )
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        if line.startswith("serving "):
+            url = line.split(" on ")[1].split()[0].rstrip("/")
+            break
+    else:
+        pytest.fail("the server did not start:\n" + "".join(lines)[-3000:])
+    # Keep reading stderr (request logs) so the server never blocks on a full pipe.
+    drain = threading.Thread(target=lambda: [None for _ in process.stderr], daemon=True)
+    drain.start()
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_completions_several_prompts_n_stop_and_usage(client, tiny):
+    model, tokenizer = tiny
+    prompts = ["The quick brown fox", "Write a response that", "def add(a, b):"]
+    expected = [complete_batch(model, tokenizer, [p], 8)[0] for p in prompts]
+    response = client.completions.create(model="tiny", prompt=prompts, max_tokens=8, n=2, temperature=0)
+    assert [c.index for c in response.choices] == list(range(6))
+    assert [c.text for c in response.choices] == [e.text for e in expected for _ in range(2)]
+    assert [c.finish_reason for c in response.choices] == [e.finish_reason for e in expected for _ in range(2)]
+    assert response.usage.prompt_tokens == sum(len(tokenizer(p)["input_ids"]) for p in prompts)
+    assert response.usage.completion_tokens == 2 * sum(e.completion_tokens for e in expected)
+
+    stop = expected[0].text[3:6]
+    response = client.completions.create(model="tiny", prompt=prompts[0], max_tokens=8, stop=[stop])
+    assert response.choices[0].text == expected[0].text[:expected[0].text.find(stop)]
+    assert response.choices[0].finish_reason == "stop"
+
+
+def test_completions_streaming_and_seeded_sampling(client, tiny):
+    model, tokenizer = tiny
+    expected = complete_batch(model, tokenizer, ["The quick brown fox"], 12)[0]
+    chunks = list(client.completions.create(model="tiny", prompt="The quick brown fox", max_tokens=12, stream=True))
+    assert len(chunks) > 2
+    assert "".join(c.choices[0].text for c in chunks) == expected.text
+    assert chunks[-1].choices[0].finish_reason == expected.finish_reason
+
+    def sample(seed):
+        return client.completions.create(model="tiny", prompt="The cat", max_tokens=12, temperature=1.0,
+                                         top_p=0.9, seed=seed).choices[0].text
+
+    assert sample(7) == sample(7)
+    assert len({sample(seed) for seed in range(4)}) > 1
+
+
+def test_chat_completions_use_the_alpaca_template(client, tiny_llama_dir):
+    instruction, input = INSTRUCTIONS[1]
+    expected = reference_response(tiny_llama_dir, instruction, input, 16)
+    messages = [{"role": "system", "content": "ignored"}, {"role": "user", "content": instruction}]
+    response = client.chat.completions.create(model="tiny", messages=messages, extra_body={"input": input})
+    assert response.choices[0].message.role == "assistant"
+    assert response.choices[0].message.content == expected
+    assert response.choices[0].finish_reason in ("stop", "length") and response.usage.total_tokens > 0
+
+    stream = client.chat.completions.create(model="tiny", messages=messages, extra_body={"input": input},
+                                            stream=True)
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == response.choices[0].finish_reason
+    assert [m.id for m in client.models.list().data] == [tiny_llama_dir.name]
+
+
+def post(server: str, path: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
+    host, port = server.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    connection.request("POST", path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+    reply = connection.getresponse()
+    return reply.status, json.loads(reply.read())
+
+
+@pytest.mark.parametrize("path, body, status, message", [
+    ("/v1/completions", b"{not json", 400, "not valid JSON"),
+    ("/v1/completions", b"[1, 2]", 400, "must be a JSON object"),
+    ("/v1/completions", b'{"max_tokens": 4}', 400, "'prompt' is required"),
+    ("/v1/completions", b'{"prompt": [1, 2, 3]}', 400, "'prompt' is required"),
+    ("/v1/completions", b'{"prompt": "hi", "temperature": "hot"}', 400, "'temperature' must be"),
+    ("/v1/completions", b'{"prompt": "hi", "max_tokens": 0}', 400, "'max_tokens' must be"),
+    ("/v1/completions", b'{"prompt": "hi", "n": 1000}', 400, "'n' must be"),
+    ("/v1/completions", b'{"prompt": "hi", "stop": [1]}', 400, "'stop' must be"),
+    ("/v1/completions", json.dumps({"prompt": "fox " * 3000}).encode(), 400, "this model's context is 1024"),
+    ("/v1/chat/completions", b'{"model": "tiny"}', 400, "'messages' is required"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "system", "content": "x"}]}', 400, "no message with role"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": 5}]}', 400, "'content' must be"),
+    ("/v1/nothing", b"{}", 404, "no such path"),
+])
+def test_bad_requests_get_4xx_with_a_message(server, path, body, status, message):
+    code, reply = post(server, path, body)
+    assert code == status and message in reply["error"]["message"]
+
+
+def test_oversized_body_and_client_errors_through_openai(server, client):
+    code, reply = post(server, "/v1/completions", b"{}", headers={"Content-Length": str(10 ** 8)})
+    assert code == 413 and "at most" in reply["error"]["message"]
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="context is 1024"):
+        client.completions.create(model="tiny", prompt="fox " * 3000, max_tokens=4)
+    assert client.completions.create(model="tiny", prompt="still alive", max_tokens=2).choices[0].text is not None
+
+
+def test_web_page_in_a_headless_browser(server, tiny_llama_dir):
+    if not (os.path.exists("/usr/bin/chromium") and os.path.exists("/usr/bin/chromedriver")):
+        message = "Debian chromium and chromium-driver are not installed (/usr/bin/chromium, /usr/bin/chromedriver)"
+        if os.environ.get("ALPACA_REQUIRE_SHARED") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    profile = tempfile.mkdtemp(prefix="chromium-profile-")
+    for flag in ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--user-data-dir={profile}"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService("/usr/bin/chromedriver"))
+    try:
+        driver.get(server + "/")
+        instruction = INSTRUCTIONS[0][0]
+        driver.find_element(By.ID, "instruction").send_keys(instruction)
+        driver.find_element(By.ID, "temperature").clear()
+        driver.find_element(By.ID, "temperature").send_keys("0")
+        driver.find_element(By.ID, "generate").click()
+        response = driver.find_element(By.ID, "response")
+        WebDriverWait(driver, 60).until(lambda _: response.get_attribute("data-state") in ("done", "error"))
+        assert response.get_attribute("data-state") == "done", response.text
+        expected = reference_response(tiny_llama_dir, instruction, max_new_tokens=256)
+        # The browser normalises the text it shows; compare what it shows with what it was sent.
+        shown = driver.execute_script("return document.getElementById('response').textContent")
+        assert shown and shown == expected
+        assert driver.find_element(By.ID, "model").text == tiny_llama_dir.name
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
