@@ -1,13 +1,15 @@
-"""Checks on the data the project ships: seed_tasks.jsonl and prompt.txt, their schema and
-counts, and that the seeds are the team's own (no seed close to an original seed)."""
+"""Checks on the data the project ships: the schema and counts of seed_tasks.jsonl, prompt.txt
+and alpaca_data.json."""
 import json
 import re
 
 import pytest
 
 from conftest import ROOT, shared_file
+from utils import jload
 
 SEED_KEYS = ["id", "name", "instruction", "instances", "is_classification"]
+ALPACA_KEYS = ["instruction", "input", "output"]
 
 
 def read_seed_lines(path):
@@ -112,3 +114,25 @@ def test_prompt_requirements_are_numbered_in_order(prompt):
     numbers = [int(n) for n in re.findall(r"^(\d+)\. ", prompt, flags=re.MULTILINE)]
     assert numbers == list(range(1, len(numbers) + 1))
     assert len(numbers) >= 8
+
+
+@pytest.fixture(scope="module")
+def alpaca_records():
+    return jload(ROOT / "alpaca_data.json")
+
+
+def test_alpaca_data_has_the_training_schema(alpaca_records):
+    assert isinstance(alpaca_records, list)
+    assert len(alpaca_records) >= 1000
+    for index, record in enumerate(alpaca_records):
+        where = f"alpaca_data.json record {index}"
+        assert list(record) == ALPACA_KEYS, where
+        assert all(isinstance(record[key], str) for key in ALPACA_KEYS), where
+        assert record["instruction"].strip() and record["output"].strip(), where
+        assert record["input"] != record["output"], where
+        assert "<noinput>" not in record["input"], where
+
+
+def test_alpaca_data_has_about_40_percent_with_input(alpaca_records):
+    share = sum(bool(record["input"].strip()) for record in alpaca_records) / len(alpaca_records)
+    assert 0.35 <= share <= 0.45, f"{share:.1%} of the records have an input"
