@@ -126,6 +126,12 @@ class TrainingArguments(transformers.TrainingArguments):
         elif self.bf16 and not torch.cuda.is_bf16_supported():
             raise UsageError("--bf16 True needs a GPU with bfloat16 support (Ampere or newer); use --fp16 True instead.")
         super().__post_init__()
+        if self.deepspeed and not _has_gpu():
+            # On CPU the Trainer starts torch.distributed (gloo) but not DeepSpeed's own
+            # communication layer, which ZeRO-3 needs before the model is built.
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend="gloo")
 
     def _adapt_to_cpu(self) -> None:
         """Run GPU command lines on a CPU-only machine: the Trainer needs use_cpu for gloo, and
@@ -409,6 +415,26 @@ class Trainer(transformers.Trainer):
         self.is_fsdp_enabled = True
 
 
+class ShardReport(transformers.TrainerCallback):
+    """Print how many parameter values each rank holds, so a sharded run can be told from a
+    replicated one at a glance."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        local = sum(_numel(p)[0] for p in model.parameters())
+        total = sum(_numel(p)[1] for p in model.parameters())
+        print(f"rank {args.process_index}: holds {local:,} of {total:,} parameter values", flush=True)
+
+
+def _numel(param: torch.Tensor) -> tuple[int, int]:
+    """(values held by this rank, values in the whole parameter) for plain, FSDP2 (DTensor) and
+    DeepSpeed ZeRO-3 (partitioned) parameters."""
+    if hasattr(param, "ds_tensor"):
+        return param.ds_tensor.numel(), param.ds_numel
+    if hasattr(param, "to_local"):
+        return param.to_local().numel(), param.numel()
+    return param.numel(), param.numel()
+
+
 def last_checkpoint(training_args: TrainingArguments) -> str | None:
     """The checkpoint to resume from: the one given, else the newest in the output directory."""
     if training_args.resume_from_checkpoint:
@@ -421,7 +447,7 @@ def last_checkpoint(training_args: TrainingArguments) -> str | None:
     return None
 
 
-def train(argv: Sequence[str] | None = None) -> None:
+def train(argv: Sequence[str] | None = None) -> transformers.Trainer:
     parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if not data_args.data_path:
@@ -444,15 +470,18 @@ def train(argv: Sequence[str] | None = None) -> None:
 
     data_module = make_supervised_data_module(tokenizer, data_args, training_args)
     trainer = Trainer(model=model, processing_class=tokenizer, args=training_args, **data_module)
+    if training_args.world_size > 1:
+        trainer.add_callback(ShardReport())
     trainer.train(resume_from_checkpoint=last_checkpoint(training_args))
-    trainer.save_state()
     if data_module["eval_dataset"] is not None and training_args.eval_strategy == "no":
         trainer.evaluate()
+    trainer.save_state()
     trainer.save_model(training_args.output_dir)
     if training_args.use_lora and training_args.merge_lora and trainer.is_world_process_zero():
         merged_dir = os.path.join(training_args.output_dir, "merged")
         trainer.model.merge_and_unload().save_pretrained(merged_dir)
         tokenizer.save_pretrained(merged_dir)
+    return trainer
 
 
 if __name__ == "__main__":

@@ -1,0 +1,416 @@
+"""train.py on tiny LLaMA models built at test time: real Trainer steps, real torchrun."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import transformers
+
+import train
+import utils
+from conftest import ROOT, build_tiny_llama, shared_file
+
+RECORDS = [
+    {"instruction": "Name the largest planet in the solar system.", "input": "", "output": "Jupiter."},
+    {"instruction": "Add the two numbers.", "input": "12 and 30", "output": "42"},
+    {"instruction": "Give the opposite of the word.", "input": "ancient", "output": "modern"},
+    {"instruction": "Say hello in French.", "output": "Bonjour."},
+    {"instruction": "Classify the review as positive or negative.", "input": "The soup was cold and bland.", "output": "Negative"},
+    {"instruction": "Count the vowels in the word.", "input": "banana", "output": "3"},
+    {"instruction": "Finish the proverb: the early bird...", "input": "", "output": "catches the worm."},
+    {"instruction": "Convert 2 kilometres to metres.", "input": "", "output": "2,000 metres."},
+]
+
+
+@pytest.fixture()
+def data_file(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(RECORDS))
+    return path
+
+
+def run_script(args, nproc=None, timeout=600, check=True):
+    """Run train.py as users do: `python train.py ...` or `torchrun --nproc_per_node=N train.py ...`."""
+    if nproc:
+        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}"]
+    else:
+        launcher = [sys.executable]
+    result = subprocess.run(
+        launcher + [str(ROOT / "train.py"), "--report_to", "none", *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+    )
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def logged_losses(output_dir, key="loss"):
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    return [entry[key] for entry in state["log_history"] if key in entry]
+
+
+def logits(model_dir, ids=(1, 20, 30, 40, 50)):
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits
+
+
+# --------------------------------------------------------------------------------------------
+# Training runs
+
+
+def test_overfit_loss_halves_and_saved_model_gives_same_logits(tiny_llama_dir, data_file, tmp_path):
+    out = tmp_path / "out"
+    trainer = train.train([
+        "--model_name_or_path", str(tiny_llama_dir), "--data_path", str(data_file), "--output_dir", str(out),
+        "--num_train_epochs", "40", "--per_device_train_batch_size", "4", "--learning_rate", "1e-2",
+        "--lr_scheduler_type", "constant", "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none",
+    ])
+    losses = logged_losses(out)
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0] / 2, losses
+    assert (out / "model.safetensors").exists() and (out / "trainer_state.json").exists()
+    ids = torch.tensor([[1, 20, 30, 40, 50]])
+    trained = trainer.model.eval()
+    with torch.no_grad():
+        expected = trained(ids.to(trained.device)).logits.cpu()
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.dtype == torch.float32
+    torch.testing.assert_close(logits(out), expected, rtol=0, atol=0)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert tokenizer.pad_token == "[PAD]" and reloaded.config.pad_token_id == tokenizer.pad_token_id
+
+
+def test_torchrun_fsdp_with_the_original_readme_flags(tiny_llama_dir, data_file, tmp_path):
+    out = tmp_path / "out"
+    result = run_script([
+        "--model_name_or_path", tiny_llama_dir, "--data_path", data_file, "--bf16", "True", "--output_dir", out,
+        "--num_train_epochs", "1", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2",
+        "--gradient_accumulation_steps", "1", "--evaluation_strategy", "no", "--save_strategy", "steps",
+        "--save_steps", "2000", "--save_total_limit", "1", "--learning_rate", "2e-5", "--weight_decay", "0.",
+        "--warmup_ratio", "0.03", "--lr_scheduler_type", "cosine", "--logging_steps", "1",
+        "--fsdp", "full_shard auto_wrap", "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer", "--tf32", "True",
+    ], nproc=2)
+    assert "--tf32 has no effect without an NVIDIA GPU" in result.stderr
+    held = _held_parameter_values(result.stdout)
+    assert sorted(held) == [0, 1]
+    total = held[0][1]
+    assert held[0][0] < total and held[1][0] < total, held
+    assert held[0][0] + held[1][0] == total, "the two FSDP shards together hold every value once"
+    assert len(logged_losses(out)) == 2  # 8 examples / (2 per device * 2 ranks)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert sum(p.numel() for p in model.parameters()) == total
+
+
+def test_torchrun_fsdp_cpu_offload(tiny_llama_dir, data_file, tmp_path):
+    out = tmp_path / "out"
+    result = run_script([
+        "--model_name_or_path", tiny_llama_dir, "--data_path", data_file, "--output_dir", out, "--max_steps", "2",
+        "--per_device_train_batch_size", "2", "--save_strategy", "no",
+        "--fsdp", "full_shard auto_wrap offload", "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer",
+    ], nproc=2)
+    held = _held_parameter_values(result.stdout)
+    assert held[0][0] < held[0][1]
+    logits(out)
+
+
+def _held_parameter_values(stdout):
+    held = {}
+    for line in stdout.splitlines():
+        if ": holds " in line and line.startswith("rank "):
+            rank, rest = line[len("rank "):].split(": holds ")
+            local, total = rest.replace(" parameter values", "").split(" of ")
+            held[int(rank)] = (int(local.replace(",", "")), int(total.replace(",", "")))
+    return held
+
+
+def test_torchrun_deepspeed_zero3_offload_saves_a_reloadable_model(tiny_llama_dir, data_file, tmp_path):
+    out = tmp_path / "out"
+    result = run_script([
+        "--model_name_or_path", tiny_llama_dir, "--data_path", data_file, "--output_dir", out, "--max_steps", "2",
+        "--per_device_train_batch_size", "2", "--save_strategy", "no", "--logging_steps", "1",
+        "--deepspeed", ROOT / "configs" / "default_offload_opt_param.json",
+    ], nproc=2)
+    held = _held_parameter_values(result.stdout)
+    assert held[0][0] < held[0][1], "ZeRO-3 partitions the parameters"
+    assert all(math.isfinite(x) for x in logged_losses(out))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.get_input_embeddings().weight.shape[0] == len(transformers.AutoTokenizer.from_pretrained(out))
+    assert reloaded.get_input_embeddings().weight.abs().sum() > 0
+
+
+def test_padding_free_group_by_length_and_validation_split(tiny_llama_dir, data_file, tmp_path):
+    out = tmp_path / "out"
+    result = run_script([
+        "--model_name_or_path", tiny_llama_dir, "--data_path", data_file, "--output_dir", out,
+        "--num_train_epochs", "2", "--per_device_train_batch_size", "3", "--padding_free", "True",
+        "--group_by_length", "True", "--val_set_size", "2", "--save_strategy", "no", "--logging_steps", "1",
+    ])
+    assert "8 records -> 8 examples" in result.stdout
+    losses = logged_losses(out)
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)  # 6 training examples, batches of 3
+    eval_losses = logged_losses(out, "eval_loss")
+    assert len(eval_losses) == 1 and math.isfinite(eval_losses[0])
+
+
+def test_lora_training_saves_adapter_and_merged_model(tiny_llama_dir, data_file, tmp_path):
+    import peft
+
+    out = tmp_path / "out"
+    run_script([
+        "--model_name_or_path", tiny_llama_dir, "--data_path", data_file, "--output_dir", out, "--max_steps", "4",
+        "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--save_strategy", "no",
+        "--use_lora", "True", "--lora_r", "4", "--lora_target_modules", "q_proj,v_proj,o_proj", "--merge_lora", "True",
+    ])
+    assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    base.resize_token_embeddings(len(tokenizer))
+    adapted = peft.PeftModel.from_pretrained(base, out).eval()
+    ids = torch.tensor([[1, 20, 30, 40, 50]])
+    with torch.no_grad():
+        expected = adapted(ids).logits
+        untouched = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir)(ids).logits
+    merged = logits(out / "merged")
+    torch.testing.assert_close(merged, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(merged[..., : untouched.shape[-1]], untouched, atol=1e-4), "LoRA changed the model"
+
+
+def test_killed_run_resumes_to_the_same_final_loss(tiny_llama_dir, data_file, tmp_path):
+    common = [
+        "--model_name_or_path", tiny_llama_dir, "--data_path", data_file, "--max_steps", "30",
+        "--per_device_train_batch_size", "2", "--learning_rate", "5e-3", "--logging_steps", "1",
+        "--save_strategy", "steps", "--save_steps", "5", "--seed", "7", "--report_to", "none",
+    ]
+    straight = tmp_path / "straight"
+    run_script(common + ["--output_dir", straight])
+
+    resumed = tmp_path / "resumed"
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *map(str, common), "--output_dir", str(resumed)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
+    )
+    deadline = time.time() + 300
+    while not (resumed / "checkpoint-10" / "trainer_state.json").exists():
+        assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (resumed / "model.safetensors").exists(), "killed before the end"
+    result = run_script(common + ["--output_dir", resumed])
+    assert "Resuming from" in result.stdout
+    assert abs(logged_losses(resumed)[-1] - logged_losses(straight)[-1]) < 1e-4
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenization, masking and truncation
+
+
+def test_token_sequences_match_the_original_recipe_on_the_52k(llama_tokenizer_dir):
+    records = json.loads(shared_file("alpaca_data.json").read_text())
+    tokenizer = transformers.AutoTokenizer.from_pretrained(llama_tokenizer_dir, model_max_length=512)
+    tokenizer.add_special_tokens(train.missing_special_tokens(tokenizer))
+    examples, counts = train.preprocess(records, tokenizer, 512)
+
+    # The original recipe: tokenize prompt + output + "</s>" as one text, and the prompt alone.
+    prompts = [utils.format_prompt(r["instruction"], r.get("input")) for r in records]
+    full = tokenizer([p + r["output"] + tokenizer.eos_token for p, r in zip(prompts, records)])["input_ids"]
+    prompt_only = tokenizer(prompts)["input_ids"]
+    fits = [i for i in range(len(records)) if len(prompt_only[i]) < 512]
+    assert counts["skipped"] == len(records) - len(fits)
+    assert counts["cut"] == sum(len(full[i]) > 512 for i in fits)
+    assert len(examples) == len(fits)
+
+    straddling = 0
+    for example, i in zip(examples, fits):
+        ids, labels = example["input_ids"], example["labels"]
+        assert ids == full[i][:512]
+        assert ids[0] == tokenizer.bos_token_id
+        assert (ids[-1] == tokenizer.eos_token_id) == (len(full[i]) <= 512)
+        masked = labels.index(next(x for x in labels if x != train.IGNORE_INDEX))
+        assert labels[masked:] == ids[masked:] and set(labels[:masked]) == {train.IGNORE_INDEX}
+        if masked != len(prompt_only[i]):
+            # The prompt's last token merged with the response's first characters: that token is trained.
+            straddling += 1
+            assert masked == len(prompt_only[i]) - 1
+            assert ids[:masked] == prompt_only[i][:masked]
+    assert 0.01 * len(fits) < straddling < 0.05 * len(fits), straddling
+
+
+def test_a_token_straddling_the_prompt_boundary_is_trained(llama_tokenizer_dir):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(llama_tokenizer_dir)
+    tokenizer.add_special_tokens(train.missing_special_tokens(tokenizer))
+    record = {"instruction": "Give the temperature.", "input": "", "output": "-5 degrees"}
+    [example], _ = train.preprocess([record], tokenizer, 512)
+    tokens = tokenizer.convert_ids_to_tokens(example["input_ids"])
+    first_trained = next(i for i, label in enumerate(example["labels"]) if label != train.IGNORE_INDEX)
+    assert tokens[first_trained] == ":-"
+    assert example["labels"][-1] == tokenizer.eos_token_id
+
+
+def test_truncation_skips_prompts_that_do_not_fit_and_cuts_long_responses(tiny_llama_dir):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tokenizer.add_special_tokens(train.missing_special_tokens(tokenizer))
+    records = [
+        {"instruction": "Repeat: " + "word " * 200, "input": "", "output": "ok"},
+        {"instruction": "Tell a story.", "input": "", "output": "once upon a time " * 100},
+        {"instruction": "Say yes.", "input": "", "output": "yes"},
+    ]
+    examples, counts = train.preprocess(records, tokenizer, 128)
+    assert counts == {"skipped": 1, "cut": 1}
+    story, yes = examples
+    assert len(story["input_ids"]) == 128 and story["input_ids"][-1] != tokenizer.eos_token_id
+    assert yes["input_ids"][-1] == tokenizer.eos_token_id
+    for example in examples:
+        assert any(label != train.IGNORE_INDEX for label in example["labels"]), "no batch may be all-masked"
+
+
+def test_padding_free_loss_equals_padded_loss_per_example(tiny_llama_dir):
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_llama_dir)
+    train.smart_tokenizer_and_embedding_resize(train.missing_special_tokens(tokenizer), tokenizer, model)
+    examples, _ = train.preprocess(RECORDS[:4], tokenizer, 512)
+    padded = train.DataCollatorForSupervisedDataset(pad_token_id=tokenizer.pad_token_id)(examples)
+    flat = transformers.DataCollatorWithFlattening(separator_id=train.IGNORE_INDEX)(examples)
+    with torch.no_grad():
+        padded_logits = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
+        # use_cache=False as in training (the Trainer sets it): with a cache the model cannot see the packing.
+        flat_logits = model(input_ids=flat["input_ids"], position_ids=flat["position_ids"], use_cache=False).logits[0]
+    start = 0
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        labels = torch.tensor(example["labels"])
+        per_token = torch.nn.functional.cross_entropy
+        padded_loss = per_token(padded_logits[row, : n - 1], labels[1:], ignore_index=train.IGNORE_INDEX)
+        flat_loss = per_token(flat_logits[start : start + n - 1], labels[1:], ignore_index=train.IGNORE_INDEX)
+        assert abs(padded_loss.item() - flat_loss.item()) < 1e-5
+        start += n
+
+
+# --------------------------------------------------------------------------------------------
+# Special tokens
+
+
+def _mean_of_old_rows(weight, added):
+    return weight[:-added].double().mean(dim=0).float()
+
+
+def test_missing_pad_token_is_added_with_mean_embedding_rows(tiny_llama_dir):
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_llama_dir)
+    old_input = model.get_input_embeddings().weight.detach().clone()
+    old_output = model.get_output_embeddings().weight.detach().clone()
+    assert train.missing_special_tokens(tokenizer) == {"pad_token": "[PAD]"}
+    added = train.smart_tokenizer_and_embedding_resize(train.missing_special_tokens(tokenizer), tokenizer, model)
+    assert added == 1 and tokenizer.pad_token == "[PAD]"
+    for new, old in ((model.get_input_embeddings().weight, old_input), (model.get_output_embeddings().weight, old_output)):
+        assert new.shape[0] == old.shape[0] + 1
+        torch.testing.assert_close(new[:-1], old, rtol=0, atol=0)
+        torch.testing.assert_close(new[-1], old.double().mean(dim=0).float(), rtol=1e-6, atol=1e-6)
+
+
+def test_empty_eos_token_is_replaced_without_growing_when_the_piece_exists(tiny_llama_dir):
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tokenizer.pad_token = tokenizer.unk_token
+    tokenizer.eos_token = ""
+    assert train.missing_special_tokens(tokenizer) == {"eos_token": "</s>"}
+    size = model.get_input_embeddings().weight.shape[0]
+    assert train.smart_tokenizer_and_embedding_resize({"eos_token": "</s>"}, tokenizer, model) == 0
+    assert tokenizer.eos_token == "</s>" and tokenizer.eos_token_id == 2
+    assert model.get_input_embeddings().weight.shape[0] == size
+
+
+def test_present_special_tokens_leave_the_model_untouched(tiny_llama_dir):
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    model.resize_token_embeddings(len(tokenizer))
+    before = model.get_input_embeddings().weight.detach().clone()
+    assert train.missing_special_tokens(tokenizer) == {}
+    assert train.smart_tokenizer_and_embedding_resize({}, tokenizer, model) == 0
+    torch.testing.assert_close(model.get_input_embeddings().weight, before, rtol=0, atol=0)
+
+
+def test_tied_embeddings_get_one_mean_row(tmp_path):
+    model, tokenizer = build_tiny_llama(tmp_path, tie_word_embeddings=True)
+    old = model.get_input_embeddings().weight.detach().clone()
+    tokenizer.eos_token = ""
+    added = train.smart_tokenizer_and_embedding_resize(
+        {"pad_token": "[PAD]", "eos_token": "<|end|>"}, tokenizer, model
+    )
+    assert added == 2
+    weight = model.get_input_embeddings().weight
+    assert model.get_output_embeddings().weight.data_ptr() == weight.data_ptr()
+    torch.testing.assert_close(weight[-2:], old.mean(dim=0).expand(2, -1), rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+
+
+@pytest.mark.parametrize(
+    "records, message",
+    [
+        ({"instruction": "a", "output": "b"}, "expected a JSON list"),
+        ([RECORDS[0], {"input": "x", "output": "y"}], "record 1: field 'instruction' is missing"),
+        ([RECORDS[0], RECORDS[1], {"instruction": "x"}], "record 2: field 'output' is missing"),
+        ([{"instruction": "x", "output": 5}], "record 0: field 'output' is int, not a string"),
+        ([{"instruction": "x", "input": ["a"], "output": "y"}], "record 0: field 'input' is list, not a string"),
+        ([RECORDS[0], {"instruction": "x", "output": "  "}], "record 1: field 'output' is empty"),
+        ([RECORDS[0], "just text"], "record 1: expected an object, got str"),
+    ],
+)
+def test_bad_records_are_named_with_file_index_and_field(tmp_path, records, message):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(records))
+    with pytest.raises(train.UsageError) as error:
+        train.load_records(str(path), skip_invalid=False)
+    assert str(path) in str(error.value) and message in str(error.value)
+
+
+def test_skip_invalid_drops_and_counts(tmp_path, capsys):
+    path = tmp_path / "mixed.jsonl"
+    lines = [RECORDS[0], {"instruction": "x"}, RECORDS[1], {"instruction": "", "output": "y"}]
+    path.write_text("\n".join(json.dumps(r) for r in lines))
+    assert train.load_records(str(path), skip_invalid=True) == [RECORDS[0], RECORDS[1]]
+    assert "Dropped 2 invalid records of 4" in capsys.readouterr().out
+
+
+def test_bad_data_and_wrong_layer_class_fail_with_one_clear_line(tiny_llama_dir, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([RECORDS[0], {"instruction": "x", "output": None}]))
+    result = run_script(["--model_name_or_path", tiny_llama_dir, "--data_path", bad, "--output_dir", tmp_path / "o"], check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"train.py: error: {bad}: record 1: field 'output' is NoneType, not a string" in result.stderr
+
+    result = run_script([
+        "--model_name_or_path", tiny_llama_dir, "--data_path", bad, "--output_dir", tmp_path / "o",
+        "--fsdp", "full_shard auto_wrap", "--fsdp_transformer_layer_cls_to_wrap", "LLaMADecoderLayer",
+    ], check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "LLaMADecoderLayer: LlamaForCausalLM has no such layer" in result.stderr
+    assert "LlamaDecoderLayer" in result.stderr.split("decoder-layer classes are:")[1]
+
+
+def test_help_explains_the_added_flags():
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0
+    for flag in ("--data_path", "--model_max_length", "--padding_free", "--use_lora", "--evaluation_strategy",
+                 "--fsdp_transformer_layer_cls_to_wrap", "--warmup_ratio", "--skip_invalid", "--val_set_size"):
+        assert flag in result.stdout
+    assert os.path.basename(str(ROOT / "train.py")) in result.stdout
