@@ -64,3 +64,19 @@ def jdump(obj: Any, path: str, indent: int = 4) -> None:
     except BaseException:
         os.unlink(temporary)
         raise
+
+
+def write_text_atomically(text: str, path: str) -> None:
+    """Write `text` to `path` with jdump's guarantee (temporary file beside it, flushed and
+    fsynced, renamed over it), for callers that build the JSON text themselves."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
+    try:
+        with io.open(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise

@@ -1,0 +1,600 @@
+"""Self-instruct data generation (Alpaca's recipe) against any OpenAI-compatible endpoint.
+
+    python -m generate_instruction generate_instruction_following_data \\
+        --output_dir ./ --num_instructions_to_generate 100 --model_name gpt-3.5-turbo-instruct
+
+Each prompt is prompt.txt followed by a few seed tasks as numbered blocks; the model continues
+the list, the continuation is parsed back into tasks and filtered, and a task is kept unless its
+ROUGE-L F-measure against a seed or an already kept instruction is above 0.7. Kept tasks go to
+`output_dir/regen.json`, rewritten atomically after every request; rerunning resumes from it.
+Counts, token usage and cost go to `output_dir/regen_summary.json`.
+
+The endpoint is `--api_base` (else $OPENAI_BASE_URL, else OpenAI) with the key in
+$OPENAI_API_KEY: OpenAI, vLLM, llama.cpp's server and Ollama all work, through the completions
+API (several prompts per request, as the original) or the chat API (one prompt per request).
+"""
+import collections
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import re
+import string
+import sys
+import textwrap
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import fire
+import numpy as np
+import openai
+import tqdm
+
+import utils
+from rouge_dedup import RougeLIndex
+
+# Whole words that point at tasks a text-only model cannot do (the original's list).
+BLACKLIST = [
+    "image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
+    "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram",
+]  # fmt: skip
+_BLACKLIST_RE = re.compile(r"\b({})\b".format("|".join(BLACKLIST)), flags=re.IGNORECASE)
+
+# prompt.txt asks for 20 tasks: stop when the model starts the 20th. The original stopped at
+# "\n20" and "20.", which also fire inside content such as "in 2020." or "$20.".
+STOP_SEQUENCES = ["\n20. Instruction:", "###\n20."]
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def load_seed_tasks(path: str) -> list[dict]:
+    """Seed tasks (JSON Lines of {"instruction", "instances": [{"input", "output"}, ...], ...}) as
+    {"instruction", "input", "output"} records, taking each task's first instance as the original."""
+    records = utils.jload(path)
+    records = [records] if isinstance(records, dict) else records
+    tasks = []
+    for number, record in enumerate(records, start=1):
+        try:
+            instance = record["instances"][0]
+            task = {"instruction": record["instruction"], "input": instance["input"], "output": instance["output"]}
+        except (KeyError, IndexError, TypeError):
+            raise ValueError(
+                f"{path}: record {number}: expected an object with 'instruction' and 'instances': "
+                f"[{{'input', 'output'}}], got {str(record)[:200]}"
+            ) from None
+        if not all(isinstance(value, str) for value in task.values()):
+            raise ValueError(f"{path}: record {number}: instruction, input and output must be strings")
+        tasks.append(task)
+    if not tasks:
+        raise ValueError(f"{path}: no seed tasks")
+    return tasks
+
+
+def encode_prompt(prompt_instructions: list[dict], prompt_path: str = "./prompt.txt") -> str:
+    """prompt.txt, then each example task as a numbered block ("N. Instruction: ...", "N. Input:"
+    with "<noinput>" for an empty input, "N. Output:") after a "###" line, ending with the next
+    number's "Instruction:" for the model to continue."""
+    with open(prompt_path, encoding="utf-8") as f:
+        prompt = f.read() + "\n"
+    for number, task in enumerate(prompt_instructions, start=1):
+        instruction = re.sub(r"\s+", " ", task["instruction"]).strip().rstrip(":")
+        task_input = task["input"] or "<noinput>"
+        prompt += "###\n"
+        prompt += f"{number}. Instruction: {instruction}\n"
+        prompt += f"{number}. Input:\n{task_input}\n"
+        prompt += f"{number}. Output:\n{task['output']}\n"
+    prompt += "###\n"
+    prompt += f"{len(prompt_instructions) + 1}. Instruction:"
+    return prompt
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def drop_reason(instruction: str) -> str | None:
+    """Why the original's filters reject an instruction, or None when it passes."""
+    word_count = len(instruction.split())
+    if word_count <= 3:
+        return "too_short"
+    if word_count > 150:
+        return "too_long"
+    if _BLACKLIST_RE.search(instruction):
+        return "blacklisted_word"
+    # The model tends to add "Write a program" to ordinary tasks; the original drops them.
+    if instruction.startswith("Write a program"):
+        return "write_a_program"
+    if instruction[0] in string.punctuation:
+        return "starts_with_punctuation"
+    if not instruction[0].isascii():
+        return "starts_non_ascii"
+    return None
+
+
+def post_process_response(
+    num_prompt_instructions: int, text: str, finish_reason: str | None
+) -> tuple[list[dict], collections.Counter]:
+    """The tasks in one completion that pass the filters, and the dropped ones counted by reason.
+
+    `text` continues a prompt of `num_prompt_instructions` examples, i.e. it starts right after
+    "N. Instruction:" with N = num_prompt_instructions + 1 (a chat model's reply may restate that
+    prefix). Tasks are separated by "###"; when the completion stopped for length the last one is
+    likely cut off and is dropped."""
+    first_number = num_prompt_instructions + 1
+    prefix = f"{first_number}. Instruction:"
+    if text.lstrip().startswith(prefix):
+        text = text.lstrip()[len(prefix) :]
+    blocks = re.split("###", prefix + text)
+    dropped = collections.Counter()
+    if finish_reason == "length":
+        dropped["truncated"] += 1
+        blocks = blocks[:-1]
+    tasks = []
+    for offset, block in enumerate(blocks):
+        parts = re.split(rf"{first_number + offset}\.\s+(Instruction|Input|Output):", block)
+        if len(parts) != 7:
+            if block.strip():
+                dropped["unparseable"] += 1
+            continue
+        instruction, task_input, output = parts[2].strip(), parts[4].strip(), parts[6].strip()
+        task_input = "" if task_input.lower() == "<noinput>" else task_input
+        reason = drop_reason(instruction)
+        if reason:
+            dropped[reason] += 1
+            continue
+        tasks.append({"instruction": instruction, "input": task_input, "output": output})
+    return tasks, dropped
+
+
+# ----------------------------------------------------------------------------- the endpoint
+
+
+class StopGeneration(RuntimeError):
+    """The run cannot go on: the endpoint refused the key, the permission or the model, or too
+    many requests in a row failed."""
+
+
+class RequestFailed(RuntimeError):
+    """One request failed for good (after its retries, or with a malformed answer): it is counted
+    and the run goes on."""
+
+    def __init__(self, message: str, kind: str = "failed_requests"):
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclasses.dataclass
+class Completion:
+    """One request's answer: (text, finish_reason) per prompt, in prompt order, and usage."""
+
+    choices: list[tuple[str, str | None]]
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    retries: int = 0
+
+
+class Endpoint:
+    """An OpenAI-compatible endpoint shared by the request threads. It retries transient failures
+    (429, 5xx, timeouts, dropped connections) with exponential backoff and jitter, honouring
+    Retry-After; shrinks max_tokens on a context-length error; and raises StopGeneration for
+    errors that no retry can fix."""
+
+    def __init__(
+        self,
+        model_name: str,
+        api_base: str | None,
+        api_style: str,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        request_timeout: float,
+        max_retries: int,
+        retry_base_delay: float,
+        stop_event: threading.Event,
+    ):
+        base_url = api_base or os.environ.get("OPENAI_BASE_URL") or None
+        api_key = os.environ.get("OPENAI_API_KEY")
+        if not api_key:
+            if base_url is None:
+                raise StopGeneration("OPENAI_API_KEY is not set (local servers accept any key; pass --api_base for one)")
+            api_key = "EMPTY"  # vLLM, llama.cpp and Ollama do not check it, but the client needs one
+        # The client's own retries are off: this class decides what to retry and how long to wait.
+        self.client = openai.OpenAI(api_key=api_key, base_url=base_url, timeout=request_timeout, max_retries=0)
+        self.where = base_url or "api.openai.com"
+        self.model_name = model_name
+        self.style = api_style  # "auto" until the endpoint has shown which API it serves
+        self.one_prompt_per_call = False  # set when a completions server refuses a list of prompts
+        self.max_tokens = max_tokens
+        self.sampling = {"temperature": temperature, "top_p": top_p, "stop": STOP_SEQUENCES}
+        self.max_retries = max_retries
+        self.retry_base_delay = retry_base_delay
+        self.stop_event = stop_event
+        self._lock = threading.Lock()
+
+    def complete(self, prompts: list[str]) -> Completion:
+        """Completions for all prompts, retrying what can be retried."""
+        retries = 0
+        while True:
+            max_tokens = self.max_tokens
+            try:
+                completion = self._call(prompts, max_tokens)
+                completion.retries = retries
+                return completion
+            except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
+                raise StopGeneration(f"{self.where} refused the request ({e.status_code}): {_message(e)}") from None
+            except openai.NotFoundError as e:
+                raise StopGeneration(f"model {self.model_name!r} is not available at {self.where}: {_message(e)}") from None
+            except openai.BadRequestError as e:
+                if _is_context_length_error(e) and self._shrink_max_tokens(e, max_tokens):
+                    continue
+                raise RequestFailed(f"bad request: {_message(e)}") from None
+            except (openai.APIConnectionError, openai.APIStatusError) as e:
+                if isinstance(e, openai.RateLimitError) and getattr(e, "code", None) == "insufficient_quota":
+                    raise StopGeneration(f"{self.where}: {_message(e)}") from None
+                status = getattr(e, "status_code", None)
+                transient = status is None or status in (408, 409, 429) or status >= 500
+                if not transient or retries >= self.max_retries:
+                    raise RequestFailed(f"{_describe(e)} (after {retries} retries)") from None
+                if self.stop_event.wait(self._retry_delay(e, retries)):
+                    raise RequestFailed("the run is stopping") from None
+                retries += 1
+
+    def _call(self, prompts: list[str], max_tokens: int) -> Completion:
+        if self.style == "chat":
+            return self._chat(prompts, max_tokens)
+        try:
+            completion = self._completions(prompts, max_tokens)
+        except openai.NotFoundError:
+            if self.style != "auto":
+                raise
+            # No completions route, or a chat-only model: use chat (an unknown model fails there too).
+            completion = self._chat(prompts, max_tokens)
+            self.style = "chat"
+            tqdm.tqdm.write(f"{self.where} has no completions API for {self.model_name}: using chat completions")
+            return completion
+        self.style = "completions"
+        return completion
+
+    def _completions(self, prompts: list[str], max_tokens: int) -> Completion:
+        if self.one_prompt_per_call and len(prompts) > 1:
+            return _concatenate([self._completions([prompt], max_tokens) for prompt in prompts])
+        try:
+            with _malformed_is_failure():
+                response = self.client.completions.create(
+                    model=self.model_name, prompt=prompts if len(prompts) > 1 else prompts[0], max_tokens=max_tokens, n=1, **self.sampling
+                )
+                choices = sorted(response.choices, key=lambda choice: choice.index)
+                completion = Completion([(c.text or "", c.finish_reason) for c in choices], *_usage(response))
+        except (openai.BadRequestError, openai.UnprocessableEntityError) as e:
+            if len(prompts) == 1 or _is_context_length_error(e):
+                raise
+            completion = None
+        if completion is not None and len(completion.choices) != len(prompts) and len(prompts) == 1:
+            raise RequestFailed(f"malformed response: {len(completion.choices)} choices for 1 prompt", "malformed_responses")
+        if completion is None or len(completion.choices) != len(prompts):
+            # Some servers (Ollama, older llama.cpp) take one prompt per request.
+            self.one_prompt_per_call = True
+            tqdm.tqdm.write(f"{self.where} does not take a list of prompts: sending one prompt per request")
+            return self._completions(prompts, max_tokens)
+        return completion
+
+    def _chat(self, prompts: list[str], max_tokens: int) -> Completion:
+        answers = []
+        for prompt in prompts:
+            with _malformed_is_failure():
+                response = self.client.chat.completions.create(
+                    model=self.model_name, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, n=1, **self.sampling
+                )
+                choice = response.choices[0]
+                answers.append(Completion([(choice.message.content or "", choice.finish_reason)], *_usage(response)))
+        return _concatenate(answers)
+
+    def _shrink_max_tokens(self, error: openai.BadRequestError, sent_max_tokens: int) -> bool:
+        """Lower max_tokens to what the context leaves (from the error message, else by 20%).
+        False when it cannot go lower."""
+        with self._lock:
+            if self.max_tokens < sent_max_tokens:
+                return True  # another request already lowered it
+            numbers = re.search(r"maximum context length is (\d+) tokens.*?(\d+) in (?:your|the) (?:prompt|messages)", _message(error), re.S)
+            room = int(numbers[1]) - int(numbers[2]) if numbers else 0
+            new_max_tokens = room if 0 < room < sent_max_tokens else int(sent_max_tokens * 0.8)
+            if new_max_tokens < 1:
+                return False
+            self.max_tokens = new_max_tokens
+            tqdm.tqdm.write(f"context length exceeded: max_tokens {sent_max_tokens} -> {new_max_tokens}")
+            return True
+
+    def _retry_delay(self, error: Exception, retries: int) -> float:
+        headers = error.response.headers if isinstance(error, openai.APIStatusError) else {}
+        for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+            try:
+                return float(headers[name]) * scale
+            except (KeyError, ValueError):
+                pass
+        return min(60.0, self.retry_base_delay * 2**retries) * random.uniform(0.5, 1.0)
+
+
+@contextlib.contextmanager
+def _malformed_is_failure():
+    """An answer that is not the JSON we expect becomes a counted RequestFailed."""
+    try:
+        yield
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as e:
+        raise RequestFailed(f"malformed response: {type(e).__name__}: {str(e)[:200]}", "malformed_responses") from None
+
+
+def _usage(response) -> tuple[int, int]:
+    usage = getattr(response, "usage", None)
+    return (getattr(usage, "prompt_tokens", 0) or 0, getattr(usage, "completion_tokens", 0) or 0)
+
+
+def _concatenate(parts: list[Completion]) -> Completion:
+    return Completion(
+        [choice for part in parts for choice in part.choices],
+        sum(part.prompt_tokens for part in parts),
+        sum(part.completion_tokens for part in parts),
+    )
+
+
+def _message(error: openai.APIError) -> str:
+    body = error.body if isinstance(error.body, dict) else {}
+    return str(body.get("message") or error.message)
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, openai.APIStatusError):
+        return f"HTTP {error.status_code}: {_message(error)}"
+    return f"{type(error).__name__}: {error}"
+
+
+def _is_context_length_error(error: openai.APIError) -> bool:
+    text = _message(error).lower()
+    return getattr(error, "code", None) == "context_length_exceeded" or "context length" in text or "context size" in text
+
+
+# ----------------------------------------------------------------------------- output files
+
+
+def load_machine_instructions(path: str) -> list[dict]:
+    """The kept tasks of an earlier run (regen.json), or [] when there is none."""
+    if not os.path.exists(path):
+        return []
+    try:
+        data = json.load(open(path, encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); move it away to start a new run") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of generated tasks")
+    for number, item in enumerate(data, start=1):
+        if not isinstance(item, dict) or not all(isinstance(item.get(k), str) for k in ("instruction", "input", "output")):
+            raise ValueError(f"{path}: record {number}: expected instruction, input and output strings")
+    return data
+
+
+def item_json(item: dict) -> str:
+    """One kept task as it appears inside regen.json (the layout utils.jdump writes). Kept per
+    item so that a save writes the file without encoding every earlier item again."""
+    return textwrap.indent(json.dumps(item, indent=4, ensure_ascii=False, default=str), "    ")
+
+
+def save_regen(item_texts: list[str], path: str) -> None:
+    """regen.json from the items' JSON texts, atomically."""
+    utils.write_text_atomically("[\n" + ",\n".join(item_texts) + "\n]" if item_texts else "[]", path)
+
+
+def load_summary(path: str) -> dict:
+    """The counters of earlier runs on this output_dir, so that a resumed run adds to them."""
+    try:
+        summary = json.load(open(path, encoding="utf-8"))
+        return {"batches_done": int(summary["batches_done"]), "counts": collections.Counter(summary["counts"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"batches_done": 0, "counts": collections.Counter()}
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def generate_instruction_following_data(
+    output_dir: str = "./",
+    seed_tasks_path: str = "./seed_tasks.jsonl",
+    num_instructions_to_generate: int = 100,
+    model_name: str = "gpt-3.5-turbo-instruct",
+    num_prompt_instructions: int = 3,
+    request_batch_size: int = 5,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    num_cpus: int = 16,
+    prompt_path: str = "./prompt.txt",
+    api_base: str | None = None,
+    api_style: str = "auto",
+    max_concurrency: int = 1,
+    seed: int | None = None,
+    num_machine_instructions: int = 0,
+    max_tokens: int = 3072,
+    similarity_threshold: float = 0.7,
+    request_timeout: float = 600.0,
+    max_retries: int = 6,
+    retry_base_delay: float = 1.0,
+    max_consecutive_failures: int = 10,
+    price_per_1k_prompt_tokens: float | None = None,
+    price_per_1k_completion_tokens: float | None = None,
+) -> list[dict]:
+    """Generate instruction-following tasks into output_dir/regen.json (resuming from it).
+
+    Args:
+        output_dir: Where regen.json (kept tasks) and regen_summary.json (counts, usage) go.
+        seed_tasks_path: Seed tasks, JSON Lines (the first instance of each is used).
+        num_instructions_to_generate: Stop once this many tasks are kept (the last request's
+            tasks are all kept, so a few more may be).
+        model_name: Model name as the endpoint knows it.
+        num_prompt_instructions: Example tasks in each prompt.
+        request_batch_size: Prompts per request (completions API; the chat API sends them one
+            per request).
+        temperature: Sampling temperature.
+        top_p: Nucleus sampling mass.
+        num_cpus: Threads for the ROUGE-L dedup (capped at the machine's cores).
+        prompt_path: The instruction text that starts every prompt.
+        api_base: Endpoint base URL, e.g. http://localhost:8000/v1 (default: $OPENAI_BASE_URL,
+            else OpenAI). The key is read from $OPENAI_API_KEY, never from a flag.
+        api_style: "completions", "chat", or "auto" (completions, and chat when the endpoint
+            has no completions API for the model).
+        max_concurrency: Requests in flight at once. Results are used in request order, so with
+            a fixed --seed and a deterministic endpoint the output does not depend on it.
+        seed: Seed for sampling the prompt examples (default: random).
+        num_machine_instructions: How many of the num_prompt_instructions examples to sample from
+            already kept tasks, as the Self-Instruct paper does (default 0, as the original).
+        max_tokens: Completion length limit; lowered automatically when the model's context is
+            too small.
+        similarity_threshold: Drop a task whose ROUGE-L F-measure against a seed or kept
+            instruction is above this.
+        request_timeout: Seconds before a request is abandoned and retried.
+        max_retries: Retries of a request on 429, 5xx, timeouts and dropped connections.
+        retry_base_delay: First backoff delay in seconds (doubles each retry, with jitter) when
+            the endpoint does not send Retry-After.
+        max_consecutive_failures: Stop the run after this many requests in a row failed or
+            returned nothing usable.
+        price_per_1k_prompt_tokens: Price of 1,000 prompt tokens, to report the cost.
+        price_per_1k_completion_tokens: Price of 1,000 completion tokens, to report the cost.
+
+    Returns:
+        All kept tasks (earlier runs' included).
+    """
+    if api_style not in ("auto", "completions", "chat"):
+        raise ValueError(f"--api_style must be auto, completions or chat, not {api_style!r}")
+    if not 0 <= num_machine_instructions <= num_prompt_instructions:
+        raise ValueError("--num_machine_instructions must be between 0 and --num_prompt_instructions")
+    if min(num_prompt_instructions, request_batch_size, max_concurrency, max_consecutive_failures) < 1:
+        raise ValueError("--num_prompt_instructions, --request_batch_size, --max_concurrency and --max_consecutive_failures must be at least 1")
+    seed_instruction_data = load_seed_tasks(seed_tasks_path)
+    if len(seed_instruction_data) < num_prompt_instructions:
+        raise ValueError(f"{seed_tasks_path}: {len(seed_instruction_data)} seed tasks, fewer than --num_prompt_instructions")
+    encode_prompt([], prompt_path)  # fail now, not in a request thread, when prompt.txt is missing
+    print(f"Loaded {len(seed_instruction_data)} human-written seed instructions")
+
+    os.makedirs(output_dir, exist_ok=True)
+    regen_path = os.path.join(output_dir, "regen.json")
+    summary_path = os.path.join(output_dir, "regen_summary.json")
+    machine_instruction_data = load_machine_instructions(regen_path)
+    item_texts = [item_json(item) for item in machine_instruction_data]
+    if machine_instruction_data:
+        print(f"Loaded {len(machine_instruction_data)} machine-generated instructions")
+    summary = load_summary(summary_path)
+    counts = summary["counts"]
+    index = RougeLIndex(
+        [d["instruction"] for d in seed_instruction_data + machine_instruction_data],
+        workers=max(1, min(num_cpus, os.cpu_count() or 1)),
+    )
+
+    def batch_prompts(batch_number: int) -> list[str]:
+        # One generator per batch: the prompts of batch b are the same whatever ran before it.
+        rng = random.Random(f"{seed}:{batch_number}") if seed is not None else random.Random()
+        prompts = []
+        for _ in range(request_batch_size):
+            machine = rng.sample(machine_instruction_data, min(num_machine_instructions, len(machine_instruction_data)))
+            examples = rng.sample(seed_instruction_data, num_prompt_instructions - len(machine)) + machine
+            prompts.append(encode_prompt(examples, prompt_path))
+        return prompts
+
+    def keep_novel_tasks(completion: Completion) -> int:
+        """Parse, filter and dedup one request's completions; returns how many tasks it held."""
+        counts["retries"] += completion.retries
+        counts["prompt_tokens"] += completion.prompt_tokens
+        counts["completion_tokens"] += completion.completion_tokens
+        candidates = []
+        for text, finish_reason in completion.choices:
+            counts["empty_completions"] += not text.strip()
+            tasks, dropped = post_process_response(num_prompt_instructions, text, finish_reason)
+            candidates += tasks
+            counts.update({f"dropped_{reason}": n for reason, n in dropped.items()})
+        counts["generated"] += len(candidates)
+        novelty = index.add_if_novel([task["instruction"] for task in candidates], similarity_threshold)
+        for task, scores in zip(candidates, novelty):
+            if scores is None:
+                counts["dropped_similar"] += 1
+                continue
+            task["most_similar_instructions"] = index.most_similar(scores, 10)
+            task["avg_similarity_score"] = float(np.mean(scores))
+            machine_instruction_data.append(task)
+            item_texts.append(item_json(task))
+            counts["kept"] += 1
+            progress.update(1)
+        return len(candidates)
+
+    stop_event = threading.Event()
+    endpoint = Endpoint(model_name, api_base, api_style, max_tokens, temperature, top_p, request_timeout, max_retries, retry_base_delay, stop_event)
+    batches_done = summary["batches_done"]
+    start = time.monotonic()
+
+    def write_summary(status: str) -> None:
+        cost = None
+        if price_per_1k_prompt_tokens is not None or price_per_1k_completion_tokens is not None:
+            prompt_cost = counts["prompt_tokens"] * (price_per_1k_prompt_tokens or 0)
+            cost = (prompt_cost + counts["completion_tokens"] * (price_per_1k_completion_tokens or 0)) / 1000
+        report = {
+            "status": status,
+            "kept_total": len(machine_instruction_data),
+            "model_name": model_name,
+            "api_style": endpoint.style,
+            "max_tokens": endpoint.max_tokens,
+            "cost": cost,
+            "elapsed_seconds_this_run": round(time.monotonic() - start, 3),
+            "batches_done": batches_done,
+            "counts": dict(sorted(counts.items())),
+        }
+        utils.write_text_atomically(json.dumps(report, indent=4) + "\n", summary_path)
+
+    progress = tqdm.tqdm(total=num_instructions_to_generate, initial=len(machine_instruction_data), desc="kept", unit="task")
+    executor = ThreadPoolExecutor(max_concurrency)
+    in_flight: collections.deque[Future] = collections.deque()
+    next_batch = batches_done
+    consecutive_failures = 0
+    try:
+        while len(machine_instruction_data) < num_instructions_to_generate:
+            while len(in_flight) < max_concurrency:
+                in_flight.append(executor.submit(endpoint.complete, batch_prompts(next_batch)))
+                next_batch += 1
+            # Results are folded in request order, whatever order they arrive in.
+            try:
+                completion = in_flight.popleft().result()
+                if keep_novel_tasks(completion):
+                    consecutive_failures = 0
+                else:
+                    consecutive_failures += 1
+                    last_error = "the completions held no usable task"
+                save_regen(item_texts, regen_path)
+            except RequestFailed as e:
+                counts[e.kind] += 1
+                consecutive_failures += 1
+                last_error = str(e)
+                tqdm.tqdm.write(f"request failed: {e}")
+            batches_done += 1
+            counts["requests"] += 1
+            write_summary("running")
+            shown = {k.removeprefix("dropped_"): v for k, v in counts.items() if k.startswith("dropped_") or k in ("generated", "failed_requests")}
+            progress.set_postfix(shown, refresh=False)
+            if consecutive_failures >= max_consecutive_failures:
+                raise StopGeneration(f"{consecutive_failures} requests in a row failed or gave nothing usable; last: {last_error}")
+        write_summary("complete")
+    except StopGeneration as e:
+        write_summary(f"stopped: {e}")
+        raise
+    finally:
+        # Requests still in flight are abandoned; closing the client ends them at once.
+        stop_event.set()
+        executor.shutdown(wait=False, cancel_futures=True)
+        endpoint.client.close()
+        progress.close()
+    return machine_instruction_data
+
+
+def main() -> None:
+    try:
+        fire.Fire({"generate_instruction_following_data": generate_instruction_following_data})
+    except (StopGeneration, ValueError, OSError) as e:
+        sys.exit(f"generate_instruction: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""A local HTTP server that speaks the part of the OpenAI API the generator uses, for tests and
+benchmarks: `POST /v1/completions` (one prompt or a list), `POST /v1/chat/completions` and
+`GET /v1/models`, with OpenAI's JSON shapes and error bodies.
+
+It is a real server (stdlib `http.server`, one thread per connection, on 127.0.0.1, port chosen
+by the OS) so that the real `openai` client talks to it over real sockets. Behaviour:
+
+- Completions are deterministic: the default writer continues a self-instruct prompt with
+  numbered tasks made of pseudo-words seeded by the prompt text, up to task 25, and the server
+  applies `stop` and `max_tokens` (whitespace tokens) as a real one would.
+- `latency` seconds (plus up to `latency_jitter`, drawn at random) are added to every answer;
+  `api_key` turns on bearer-key checking (401); `models` lists the known models (others get
+  OpenAI's 404 `model_not_found`); `routes` can drop the completions or chat route (404, as for
+  a chat-only model); `max_context` makes requests whose prompt plus `max_tokens` exceed it fail
+  with OpenAI's context-length 400; `accepts_prompt_list=False` refuses a list of prompts (422,
+  as servers that take one prompt per request do).
+- `inject(kind, times)` makes the next `times` requests fail in one of the ways of `FAILURES`.
+- Every request is recorded in `requests` (path, JSON body, authorization header, time).
+
+Usage:
+    with OpenAIServer(latency=0.2) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="x")
+"""
+import hashlib
+import http.server
+import json
+import random
+import re
+import threading
+import time
+from collections.abc import Callable
+
+# kind -> what the next request gets
+FAILURES = {
+    "rate_limit": "429 with a Retry-After header (option retry_after, seconds)",
+    "server_error": "500 with an OpenAI error body",
+    "hang": "no answer for `seconds` (default 30), then the normal answer",
+    "drop": "the connection is closed without an answer",
+    "malformed": "200 with a body that is not JSON",
+    "missing_choices": "200 with JSON that has no choices",
+    "empty": "200 with empty completion texts",
+    "length": "the normal texts cut in half with finish_reason 'length'",
+    "unauthorized": "401 invalid_api_key",
+    "bad_request": "400 invalid_request_error",
+}
+
+_SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+_VERBS = ["Describe", "Explain", "Summarize", "Classify", "Compose", "List", "Suggest", "Compare", "Rewrite", "Outline"]
+
+
+def _pseudo_words(rng: random.Random, count: int) -> str:
+    """Words of two or three syllables: about 250,000 possible words, so random sentences share
+    almost none, and none is a real English word the generator's filters care about."""
+    return " ".join("".join(rng.choice(_SYLLABLES) for _ in range(rng.choice((2, 3)))) for _ in range(count))
+
+
+def self_instruct_writer(prompt: str, model: str) -> str:
+    """Continue a self-instruct prompt (which ends with "N. Instruction:") with tasks N..25 in the
+    original format, separated by "###". Every third task's output mentions "in 2020." and "$20."
+    so that stop sequences which fire inside content show up. Deterministic in (prompt, model)."""
+    tail = prompt.rstrip().rsplit("\n", 1)[-1]
+    first = int(tail.split(".", 1)[0]) if tail.split(".", 1)[0].isdigit() else 1
+    rng = random.Random(hashlib.sha256(f"{model}\n{prompt}".encode()).digest())
+    blocks = []
+    for number in range(first, 26):
+        instruction = f"{rng.choice(_VERBS)} {_pseudo_words(rng, rng.randint(6, 12))}."
+        task_input = "<noinput>" if rng.random() < 0.5 else _pseudo_words(rng, rng.randint(3, 10))
+        output = _pseudo_words(rng, rng.randint(5, 15)) + "."
+        if number % 3 == 0:
+            output += " It cost $20. It happened in 2020."
+        head = "" if number == first else f"{number}. Instruction:"
+        blocks.append(f"{head} {instruction}\n{number}. Input:\n{task_input}\n{number}. Output:\n{output}\n")
+    return "###\n".join(blocks)
+
+
+class OpenAIServer:
+    """A threaded OpenAI-compatible test server; see the module docstring."""
+
+    def __init__(
+        self,
+        writer: Callable[[str, str], str] = self_instruct_writer,
+        latency: float = 0.0,
+        latency_jitter: float = 0.0,
+        api_key: str | None = None,
+        models: tuple[str, ...] = ("test-model",),
+        routes: tuple[str, ...] = ("completions", "chat"),
+        max_context: int | None = None,
+        accepts_prompt_list: bool = True,
+        chat_repeats_prefix: bool = True,
+    ):
+        self.writer = writer
+        self.latency = latency
+        self.latency_jitter = latency_jitter
+        self.api_key = api_key
+        self.models = models
+        self.routes = routes
+        self.max_context = max_context
+        self.accepts_prompt_list = accepts_prompt_list
+        # Chat models tend to restate "N. Instruction:" before continuing the list.
+        self.chat_repeats_prefix = chat_repeats_prefix
+        self.requests: list[dict] = []
+        self._failures: list[tuple[str, dict]] = []
+        self._lock = threading.Lock()
+        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+
+    def start(self) -> "OpenAIServer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def __enter__(self) -> "OpenAIServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def inject(self, kind: str, times: int = 1, **options) -> None:
+        """Make the next `times` requests fail as `kind` (a key of FAILURES)."""
+        if kind not in FAILURES:
+            raise ValueError(f"unknown failure {kind!r}; known: {sorted(FAILURES)}")
+        with self._lock:
+            self._failures.extend([(kind, options)] * times)
+
+    def completions_requests(self) -> list[dict]:
+        """Recorded requests to either generation route."""
+        return [r for r in self.requests if r["path"].endswith("completions")]
+
+    def _next_failure(self) -> tuple[str | None, dict]:
+        with self._lock:
+            return self._failures.pop(0) if self._failures else (None, {})
+
+    def _handler_class(self):
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def do_GET(self):
+                if self.path.rstrip("/") == "/v1/models":
+                    data = [{"id": m, "object": "model", "created": 0, "owned_by": "test"} for m in server.models]
+                    return self._send(200, {"object": "list", "data": data})
+                self._send(404, _error("Not Found", "invalid_request_error", None))
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                try:
+                    request = json.loads(body)
+                except json.JSONDecodeError:
+                    return self._send(400, _error("We could not parse the JSON body of your request.", "invalid_request_error", None))
+                with server._lock:
+                    server.requests.append(
+                        {"path": self.path, "body": request, "authorization": self.headers.get("Authorization"), "time": time.monotonic()}
+                    )
+                route = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}.get(self.path)
+                if route is None or route not in server.routes:
+                    return self._send(404, _error("This is a chat model and not supported in the v1/completions endpoint.", "invalid_request_error", None))
+                if server.api_key is not None and self.headers.get("Authorization") != f"Bearer {server.api_key}":
+                    return self._send(401, _error("Incorrect API key provided.", "invalid_request_error", "invalid_api_key"))
+                kind, options = server._next_failure()
+                time.sleep(server.latency + random.uniform(0, server.latency_jitter))
+                if kind == "hang":
+                    time.sleep(options.get("seconds", 30.0))
+                elif kind == "drop":
+                    self.close_connection = True
+                    return
+                elif kind == "rate_limit":
+                    retry_after = str(options.get("retry_after", 1))
+                    return self._send(429, _error("Rate limit reached.", "requests", "rate_limit_exceeded"), {"Retry-After": retry_after})
+                elif kind == "server_error":
+                    return self._send(500, _error("The server had an error while processing your request.", "server_error", None))
+                elif kind == "unauthorized":
+                    return self._send(401, _error("Incorrect API key provided.", "invalid_request_error", "invalid_api_key"))
+                elif kind == "bad_request":
+                    return self._send(400, _error("Invalid value for 'top_p'.", "invalid_request_error", None))
+                elif kind == "malformed":
+                    return self._send_raw(200, b'{"id": "cmpl-1", "choices": [{"text": "1. Instr')
+                elif kind == "missing_choices":
+                    return self._send(200, {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": request.get("model")})
+                if request.get("model") not in server.models:
+                    message = f"The model `{request.get('model')}` does not exist or you do not have access to it."
+                    return self._send(404, _error(message, "invalid_request_error", "model_not_found"))
+                if route == "completions":
+                    prompts = request.get("prompt")
+                    if isinstance(prompts, list) and not server.accepts_prompt_list:
+                        return self._send(422, _error("prompt must be a string", "invalid_request_error", None))
+                    prompts = prompts if isinstance(prompts, list) else [prompts]
+                else:
+                    prompts = [request["messages"][-1]["content"]]
+                prompt_tokens = sum(len(p.split()) for p in prompts)
+                max_tokens = int(request.get("max_tokens") or 16)
+                if server.max_context is not None and max(len(p.split()) for p in prompts) + max_tokens > server.max_context:
+                    longest = max(len(p.split()) for p in prompts)
+                    message = (
+                        f"This model's maximum context length is {server.max_context} tokens, however you requested "
+                        f"{longest + max_tokens} tokens ({longest} in your prompt; {max_tokens} for the completion). "
+                        "Please reduce your prompt; or completion length."
+                    )
+                    return self._send(400, _error(message, "invalid_request_error", "context_length_exceeded"))
+                outputs = [_finish(server.writer(p, request["model"]), request.get("stop"), max_tokens) for p in prompts]
+                if kind == "empty":
+                    outputs = [("", "stop") for _ in outputs]
+                elif kind == "length":
+                    outputs = [(text[: len(text) // 2], "length") for text, _ in outputs]
+                completion_tokens = sum(len(text.split()) for text, _ in outputs)
+                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+                if route == "completions":
+                    choices = [{"text": t, "index": i, "logprobs": None, "finish_reason": f} for i, (t, f) in enumerate(outputs)]
+                    payload = {"id": "cmpl-test", "object": "text_completion", "created": int(time.time()), "model": request["model"]}
+                else:
+                    (text, finish), = outputs
+                    if server.chat_repeats_prefix:
+                        text = prompts[0].rstrip().rsplit("\n", 1)[-1] + text
+                    choices = [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}]
+                    payload = {"id": "chatcmpl-test", "object": "chat.completion", "created": int(time.time()), "model": request["model"]}
+                self._send(200, {**payload, "choices": choices, "usage": usage})
+
+            def _send(self, status: int, payload: dict, headers: dict | None = None):
+                self._send_raw(status, json.dumps(payload).encode(), headers)
+
+            def _send_raw(self, status: int, body: bytes, headers: dict | None = None):
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    for name, value in (headers or {}).items():
+                        self.send_header(name, value)
+                    self.end_headers()
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout); nothing to answer
+
+        return Handler
+
+
+def _error(message: str, kind: str, code: str | None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+def _finish(text: str, stop: list[str] | str | None, max_tokens: int) -> tuple[str, str]:
+    """Apply stop sequences (cut before the first one; finish_reason "stop") and max_tokens
+    (whitespace tokens; finish_reason "length") as a real server does."""
+    for sequence in [stop] if isinstance(stop, str) else stop or []:
+        text = text.split(sequence, 1)[0]
+    words = list(re.finditer(r"\S+", text))
+    if len(words) > max_tokens:
+        return (text[: words[max_tokens - 1].end()] if max_tokens > 0 else ""), "length"
+    return text, "stop"

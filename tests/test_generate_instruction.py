@@ -1,0 +1,417 @@
+"""generate_instruction.py against a real local HTTP server speaking the OpenAI API
+(tests/openai_server.py), through the real `openai` client. Budget: about 40 s on 2 cores."""
+import collections
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from openai_server import OpenAIServer, self_instruct_writer
+from rouge_score import rouge_scorer
+
+import generate_instruction
+import utils
+from conftest import ROOT, shared_file
+from generate_instruction import STOP_SEQUENCES, StopGeneration, encode_prompt, post_process_response
+
+PROMPT = "Come up with 20 varied tasks for a language model.\n\nList of 20 tasks:"
+SEEDS = [
+    ("Give  three\ttips for   staying healthy:", "", "Eat vegetables.\nSleep eight hours.\nWalk daily."),
+    ("Translate the sentence into French.", "Good morning, my friend.", "Bonjour, mon ami."),
+    ("Classify the review as positive or negative.", "The soup was cold and bland.", "Negative"),
+    ("Suggest a name for a small coffee shop near a library.", "", "Chapter & Bean"),
+    ("Convert 72 degrees Fahrenheit to Celsius.", "", "About 22.2 degrees Celsius."),
+    ("Find the odd one out in the list.", "apple, banana, carrot, cherry", "Carrot, the only vegetable."),
+    ("Explain why the sky looks blue during the day.", "", "Air scatters blue light more than red light."),
+    ("Rewrite the sentence in the passive voice.", "The chef cooked the meal.", "The meal was cooked by the chef."),
+]
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+
+
+@pytest.fixture
+def files(tmp_path):
+    """A prompt.txt and a seed_tasks.jsonl of our own, in a temporary folder."""
+    prompt_path = tmp_path / "prompt.txt"
+    prompt_path.write_text(PROMPT)
+    seed_path = tmp_path / "seed_tasks.jsonl"
+    with open(seed_path, "w") as f:
+        for number, (instruction, task_input, output) in enumerate(SEEDS):
+            record = {"id": f"seed_task_{number}", "name": f"task_{number}", "instruction": instruction,
+                      "instances": [{"input": task_input, "output": output}], "is_classification": False}
+            f.write(json.dumps(record) + "\n")
+    return {"prompt_path": str(prompt_path), "seed_tasks_path": str(seed_path)}
+
+
+@pytest.fixture
+def server():
+    with OpenAIServer() as running:
+        yield running
+
+
+def generate(server, files, output_dir, **overrides):
+    """Run the generator in-process against `server` with small, fast settings."""
+    arguments = dict(
+        output_dir=str(output_dir), num_instructions_to_generate=40, model_name="test-model", request_batch_size=2,
+        api_base=server.base_url, seed=0, retry_base_delay=0.01, request_timeout=5.0, num_cpus=1, **files,
+    )  # fmt: skip
+    arguments.update(overrides)
+    return generate_instruction.generate_instruction_following_data(**arguments)
+
+
+def summary_of(output_dir) -> dict:
+    return json.loads((output_dir / "regen_summary.json").read_text())
+
+
+# ----------------------------------------------------------------------------- prompt and parsing
+
+
+def test_encode_prompt_layout(files):
+    tasks = [{"instruction": i, "input": x, "output": o} for i, x, o in SEEDS[:2]]
+    expected = (
+        PROMPT + "\n"
+        "###\n1. Instruction: Give three tips for staying healthy\n1. Input:\n<noinput>\n1. Output:\n"
+        "Eat vegetables.\nSleep eight hours.\nWalk daily.\n"
+        "###\n2. Instruction: Translate the sentence into French.\n2. Input:\nGood morning, my friend.\n2. Output:\n"
+        "Bonjour, mon ami.\n"
+        "###\n3. Instruction:"
+    )
+    assert encode_prompt(tasks, files["prompt_path"]) == expected
+
+
+def test_encode_prompt_on_original_seed_tasks(files):
+    seeds = generate_instruction.load_seed_tasks(str(shared_file("seed_tasks.jsonl")))
+    assert len(seeds) == 175
+    with_colon = next(task for task in seeds if task["instruction"].endswith(":"))
+    with_input = next(task for task in seeds if task["input"])
+    prompt = encode_prompt([with_colon, with_input], files["prompt_path"])
+    collapsed = re.sub(r"\s+", " ", with_colon["instruction"]).strip().rstrip(":")
+    assert f"###\n1. Instruction: {collapsed}\n1. Input:\n" in prompt
+    assert f"2. Input:\n{with_input['input']}\n2. Output:\n{with_input['output']}\n###\n3. Instruction:" in prompt
+    assert prompt.endswith("###\n3. Instruction:")
+
+
+HAND_WRITTEN = (
+    " Suggest a name for a bakery that sells only bread.\n4. Input:\n<noinput>\n4. Output:\nThe Daily Loaf.\n###\n"
+    "5. Instruction: Summarize the paragraph in one sentence.\n5. Input:\n"
+    "The shop opened in 2020. A loaf costs $20. Everyone came.\n5. Output:\nAn expensive bakery opened in 2020.\n###\n"
+    "6. Instruction: Name a colour.\n6. Input:\n<noinput>\n6. Output:\nRed.\n###\n"
+    "7. Instruction: Describe the graph below in two sentences.\n7. Input:\nA line rising.\n7. Output:\nIt rises.\n###\n"
+    "8. Instruction: Explain how to GO TO the nearest station by bus.\n8. Input:\n<noinput>\n8. Output:\nTake bus 4.\n###\n"
+    "9. Instruction: Write a program that adds two numbers.\n9. Input:\n<noinput>\n9. Output:\nprint(1 + 2)\n###\n"
+    '10. Instruction: "Quote" this sentence correctly for a newspaper.\n10. Input:\nhe said hi\n10. Output:\n"Hi," he said.\n###\n'
+    "11. Instruction: Écrivez une phrase sur la pluie.\n11. Input:\n<noinput>\n11. Output:\nIl pleut.\n###\n"
+    "12. Instruction: " + "Count " * 151 + "\n12. Input:\n<noinput>\n12. Output:\n151\n###\n"
+    "13. Input:\nno instruction here\n13. Output:\nnothing\n###\n"
+    "14. Instruction: Rewrite this paragraph in the passive voice.\n14. Input:\nThe dog chased the ball.\n"
+    "14. Output:\nThe ball was chased by the dog.\n###\n"
+    "15. Instruction: List three uses for a paper clip.\n15. Input:\n<noinput>\n15. Output:\nHolding pages, reset"
+)
+
+
+def test_post_process_applies_every_filter():
+    tasks, dropped = post_process_response(3, HAND_WRITTEN, "stop")
+    assert [t["instruction"] for t in tasks] == [
+        "Suggest a name for a bakery that sells only bread.",
+        "Summarize the paragraph in one sentence.",
+        "Rewrite this paragraph in the passive voice.",  # "paragraph" is not the blacklisted word "graph"
+        "List three uses for a paper clip.",
+    ]
+    assert tasks[0] == {"instruction": tasks[0]["instruction"], "input": "", "output": "The Daily Loaf."}
+    assert tasks[1]["input"] == "The shop opened in 2020. A loaf costs $20. Everyone came."
+    assert dropped == collections.Counter(
+        too_short=1, blacklisted_word=2, write_a_program=1, starts_with_punctuation=1, starts_non_ascii=1,
+        too_long=1, unparseable=1,
+    )  # fmt: skip
+
+
+def test_post_process_drops_the_cut_off_last_task_on_length():
+    tasks, dropped = post_process_response(3, HAND_WRITTEN, "length")
+    assert tasks[-1]["instruction"] == "Rewrite this paragraph in the passive voice."
+    assert dropped["truncated"] == 1
+
+
+def test_post_process_accepts_a_chat_reply_that_restates_the_number():
+    tasks, _ = post_process_response(3, "4. Instruction:" + HAND_WRITTEN, "stop")
+    assert tasks[0]["instruction"] == "Suggest a name for a bakery that sells only bread."
+    assert len(tasks) == 4
+
+
+def test_encode_then_parse_round_trip(files):
+    tasks = [{"instruction": i, "input": x, "output": o} for i, x, o in SEEDS]
+    prompt = encode_prompt(tasks, files["prompt_path"])
+    body = prompt[len(PROMPT + "\n###\n1. Instruction:") :]
+    parsed, dropped = post_process_response(0, body, "stop")
+    expected = [dict(t, instruction=re.sub(r"\s+", " ", t["instruction"]).strip().rstrip(":")) for t in tasks]
+    assert parsed == expected
+    assert dropped == collections.Counter(unparseable=1)  # the trailing "9. Instruction:" with no task
+
+
+def test_stop_sequences_do_not_fire_inside_content():
+    content = "It cost $20. It happened in 2020. Pages 1-20.\n19. Output:\nok\n###\n"
+    assert not any(stop in content for stop in STOP_SEQUENCES)
+    assert any(stop in content + "20. Instruction: Next" for stop in STOP_SEQUENCES)
+
+
+def test_bad_seed_file_names_the_record(files, tmp_path):
+    path = tmp_path / "bad_seeds.jsonl"
+    path.write_text(open(files["seed_tasks_path"]).readline() + '{"instruction": "No instances here."}\n')
+    with pytest.raises(ValueError, match=r"bad_seeds.jsonl: record 2: expected an object with 'instruction' and 'instances'"):
+        generate_instruction.load_seed_tasks(str(path))
+
+
+def test_item_layout_matches_jdump(tmp_path):
+    items = [{"instruction": "Dites « bonjour ».", "input": "", "output": "x\ny", "most_similar_instructions": {"a": 0.5}, "avg_similarity_score": 0.1}] * 2
+    for chosen in (items, []):
+        generate_instruction.save_regen([generate_instruction.item_json(item) for item in chosen], str(tmp_path / "ours.json"))
+        utils.jdump(chosen, str(tmp_path / "jdump.json"))
+        assert (tmp_path / "ours.json").read_bytes() == (tmp_path / "jdump.json").read_bytes()
+
+
+# ----------------------------------------------------------------------------- full runs
+
+
+def test_full_run_keeps_novel_tasks_with_rouge_statistics(files, tmp_path):
+    def writer_with_near_copies(prompt, model):
+        # Task 4 repeats the prompt's first example with one more word: ROUGE-L above 0.7.
+        first_example = re.search(r"1\. Instruction: (.*)\n", prompt)[1]
+        return f" {first_example} please\n4. Input:" + self_instruct_writer(prompt, model).split("\n4. Input:", 1)[1]
+
+    with OpenAIServer(writer=writer_with_near_copies) as server:
+        kept = generate(server, files, tmp_path / "out", num_instructions_to_generate=40, price_per_1k_prompt_tokens=0.5, price_per_1k_completion_tokens=2.0)
+    regen = json.loads((tmp_path / "out" / "regen.json").read_text())
+    assert regen == kept and len(regen) >= 40
+    summary = summary_of(tmp_path / "out")
+    counts = summary["counts"]
+    assert summary["status"] == "complete" and summary["kept_total"] == len(regen)
+    assert counts["requests"] == len(server.requests) == 2
+    assert counts["dropped_similar"] == 4  # one near copy per prompt
+    assert counts["generated"] == len(regen) + counts["dropped_similar"]
+    assert summary["cost"] == pytest.approx((counts["prompt_tokens"] * 0.5 + counts["completion_tokens"] * 2.0) / 1000)
+    request = server.requests[0]
+    assert request["authorization"] == "Bearer test-key"
+    assert request["body"]["stop"] == STOP_SEQUENCES and "logit_bias" not in request["body"]
+    assert len(request["body"]["prompt"]) == 2 and request["body"]["max_tokens"] == 3072
+
+    # Every kept task against the seeds and the tasks kept before it, with rouge_score itself.
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    earlier = [instruction for instruction, _, _ in SEEDS]
+    for item in regen:
+        scores = [scorer.score(item["instruction"], other)["rougeL"].fmeasure for other in earlier]
+        assert max(scores) <= 0.7
+        assert item["avg_similarity_score"] == float(np.mean(scores))
+        assert sorted(item["most_similar_instructions"].values(), reverse=True) == sorted(scores, reverse=True)[:10]
+        assert list(item["most_similar_instructions"].values()) == sorted(item["most_similar_instructions"].values(), reverse=True)
+        earlier.append(item["instruction"])
+
+
+def test_chat_only_endpoint_is_detected_in_auto_style(files, tmp_path):
+    with OpenAIServer(routes=("chat",)) as server:
+        kept = generate(server, files, tmp_path / "out", num_instructions_to_generate=20)
+    assert len(kept) >= 20
+    paths = [r["path"] for r in server.requests]
+    assert paths[0] == "/v1/completions" and set(paths[1:]) == {"/v1/chat/completions"}
+    assert all(len(r["body"]["messages"]) == 1 for r in server.requests[1:])
+    assert summary_of(tmp_path / "out")["api_style"] == "chat"
+
+
+def test_explicit_chat_style(server, files, tmp_path):
+    kept = generate(server, files, tmp_path / "out", api_style="chat", num_instructions_to_generate=20)
+    assert len(kept) >= 20 and {r["path"] for r in server.requests} == {"/v1/chat/completions"}
+
+
+def test_server_taking_one_prompt_per_request(files, tmp_path):
+    with OpenAIServer(accepts_prompt_list=False) as server:
+        kept = generate(server, files, tmp_path / "out", num_instructions_to_generate=40)
+    assert len(kept) >= 40
+    assert all(isinstance(r["body"]["prompt"], str) for r in server.requests[1:])
+
+
+def test_same_output_for_any_concurrency(files, tmp_path):
+    outputs = []
+    for concurrency in (1, 8):
+        # Random latency makes the concurrent answers arrive out of order.
+        with OpenAIServer(latency=0.01, latency_jitter=0.05) as server:
+            generate(server, files, tmp_path / f"k{concurrency}", num_instructions_to_generate=100, request_batch_size=1, max_concurrency=concurrency)
+        outputs.append((tmp_path / f"k{concurrency}" / "regen.json").read_bytes())
+    assert outputs[0] == outputs[1]
+    assert len(json.loads(outputs[0])) >= 100
+
+
+def test_resume_continues_where_it_stopped(server, files, tmp_path):
+    generate(server, files, tmp_path / "once", num_instructions_to_generate=80)
+    first = generate(server, files, tmp_path / "twice", num_instructions_to_generate=40)
+    second = generate(server, files, tmp_path / "twice", num_instructions_to_generate=80)
+    assert second[: len(first)] == first
+    assert (tmp_path / "twice" / "regen.json").read_bytes() == (tmp_path / "once" / "regen.json").read_bytes()
+
+
+def test_machine_instructions_in_prompts(server, files, tmp_path):
+    kept = generate(server, files, tmp_path / "out", num_instructions_to_generate=60, num_machine_instructions=1)
+    machine = {task["instruction"] for task in kept}
+    later_prompts = [p for r in server.requests[1:] for p in r["body"]["prompt"]]
+    for prompt in later_prompts:
+        examples = re.findall(r"\d+\. Instruction: (.*)\n", prompt)
+        assert len(examples) == 3 and sum(example in machine for example in examples) == 1
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+def test_rate_limit_waits_for_retry_after(server, files, tmp_path):
+    server.inject("rate_limit", retry_after=1)
+    generate(server, files, tmp_path / "out", num_instructions_to_generate=20)
+    first, retry = server.requests[:2]
+    assert retry["body"] == first["body"] and retry["time"] - first["time"] >= 1.0
+    assert summary_of(tmp_path / "out")["counts"]["retries"] == 1
+
+
+def test_server_errors_timeouts_and_dropped_connections_are_retried(server, files, tmp_path):
+    server.inject("server_error", times=2)
+    server.inject("drop")
+    server.inject("hang", seconds=3)
+    started = time.monotonic()
+    kept = generate(server, files, tmp_path / "out", num_instructions_to_generate=20, request_timeout=0.5)
+    assert len(kept) >= 20 and time.monotonic() - started < 3
+    counts = summary_of(tmp_path / "out")["counts"]
+    assert counts["retries"] == 4 and counts.get("failed_requests", 0) == 0
+
+
+def test_request_failing_after_its_retries_is_counted_and_the_run_goes_on(server, files, tmp_path):
+    server.inject("server_error", times=2)
+    kept = generate(server, files, tmp_path / "out", num_instructions_to_generate=20, max_retries=1)
+    counts = summary_of(tmp_path / "out")["counts"]
+    assert len(kept) >= 20 and counts["failed_requests"] == 1 and counts["requests"] == 2
+
+
+def test_malformed_and_empty_answers_are_counted(server, files, tmp_path):
+    server.inject("malformed")
+    server.inject("missing_choices")
+    server.inject("empty")
+    kept = generate(server, files, tmp_path / "out", num_instructions_to_generate=20)
+    counts = summary_of(tmp_path / "out")["counts"]
+    assert len(kept) >= 20
+    assert counts["malformed_responses"] == 2 and counts["empty_completions"] == 2 and counts["requests"] == 4
+
+
+def test_length_finish_drops_each_cut_off_task(server, files, tmp_path):
+    server.inject("length")
+    generate(server, files, tmp_path / "out", num_instructions_to_generate=1)
+    assert summary_of(tmp_path / "out")["counts"]["dropped_truncated"] == 2
+
+
+def test_context_length_error_shrinks_max_tokens(files, tmp_path):
+    with OpenAIServer(max_context=1200) as server:
+        kept = generate(server, files, tmp_path / "out", num_instructions_to_generate=20)
+    assert len(kept) >= 20
+    sent = [r["body"]["max_tokens"] for r in server.requests]
+    prompt_tokens = max(len(p.split()) for p in server.requests[0]["body"]["prompt"])
+    assert sent[0] == 3072 and sent[1] == 1200 - prompt_tokens
+    assert summary_of(tmp_path / "out")["max_tokens"] == sent[-1] < 1200
+
+
+def test_authentication_error_stops_at_once(files, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "regen.json").write_text("[]")
+    with OpenAIServer(api_key="the-right-key") as server:
+        with pytest.raises(StopGeneration, match="refused the request \\(401\\): Incorrect API key"):
+            generate(server, files, out, max_retries=5)
+    assert len(server.requests) == 1 and json.loads((out / "regen.json").read_text()) == []
+    assert summary_of(out)["status"].startswith("stopped: ")
+
+
+def test_unknown_model_stops_at_once(server, files, tmp_path):
+    with pytest.raises(StopGeneration, match="model 'no-such-model' is not available"):
+        generate(server, files, tmp_path / "out", model_name="no-such-model")
+    assert len(server.requests) == 2  # completions, then chat (auto style), both 404
+
+
+def test_consecutive_failures_stop_the_run(server, files, tmp_path):
+    server.inject("server_error", times=100)
+    with pytest.raises(StopGeneration, match="3 requests in a row failed"):
+        generate(server, files, tmp_path / "out", max_retries=0, max_consecutive_failures=3)
+    assert len(server.requests) == 3
+
+
+def test_corrupt_output_is_reported_and_left_alone(server, files, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "regen.json").write_text('[{"instruction": "half')
+    with pytest.raises(ValueError, match="regen.json: not valid JSON"):
+        generate(server, files, out)
+    assert (out / "regen.json").read_text() == '[{"instruction": "half' and not server.requests
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def cli(files, output_dir, base_url, *extra) -> list[str]:
+    return [
+        sys.executable, "-m", "generate_instruction", "generate_instruction_following_data",
+        "--output_dir", str(output_dir), "--seed_tasks_path", files["seed_tasks_path"], "--prompt_path", files["prompt_path"],
+        "--model_name", "test-model", "--api_base", base_url, "--seed", "7", "--request_batch_size", "1", "--num_cpus", "1", *extra,
+    ]  # fmt: skip
+
+
+def test_kill_9_at_random_points_then_resume(files, tmp_path):
+    """A real subprocess killed with SIGKILL mid-run, several times, then resumed to the end:
+    regen.json is valid JSON after every kill, never loses what it held, and the final file is
+    byte for byte the one an uninterrupted run writes."""
+    target = ["--num_instructions_to_generate", "400", "--max_concurrency", "2"]
+    env = dict(os.environ, OPENAI_API_KEY="test-key")
+    with OpenAIServer(latency=0.1) as server:
+        generate(server, files, tmp_path / "reference", num_instructions_to_generate=400, request_batch_size=1, seed=7, max_concurrency=4)
+        out = tmp_path / "killed"
+        held: list = []
+        rng = random.Random()
+        for _ in range(3):
+            requests_before = len(server.requests)
+            process = subprocess.Popen(cli(files, out, server.base_url, *target), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            # With two in flight, the third request is sent only after the first answer is saved.
+            wait_for = requests_before + rng.randint(3, 5)
+            while len(server.requests) < wait_for and process.poll() is None:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0, 0.15))
+            process.kill()
+            process.wait()
+            if (out / "regen.json").exists():
+                now = json.loads((out / "regen.json").read_text())
+                assert now[: len(held)] == held
+                held = now
+        assert 0 < len(held) < 400
+        finished = subprocess.run(cli(files, out, server.base_url, *target), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr
+    final = json.loads((out / "regen.json").read_text())
+    assert final[: len(held)] == held
+    assert len({item["instruction"] for item in final}) == len(final) >= 400
+    assert (out / "regen.json").read_bytes() == (tmp_path / "reference" / "regen.json").read_bytes()
+
+
+def test_cli_reports_a_stopped_run_and_documents_its_flags(files, tmp_path):
+    env = dict(os.environ, OPENAI_API_KEY="wrong-key")
+    with OpenAIServer(api_key="right-key") as server:
+        stopped = subprocess.run(cli(files, tmp_path / "out", server.base_url), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert stopped.returncode == 1
+    assert "generate_instruction: " in stopped.stderr and "refused the request (401)" in stopped.stderr
+    assert "wrong-key" not in stopped.stderr + stopped.stdout
+    shown = subprocess.run(
+        [sys.executable, "-m", "generate_instruction", "generate_instruction_following_data", "--help"],
+        cwd=ROOT, env=dict(env, PAGER="cat"), capture_output=True, text=True,
+    )  # fmt: skip
+    for flag in ("--api_base", "--api_style", "--max_concurrency", "--num_machine_instructions", "--price_per_1k_prompt_tokens"):
+        assert flag in shown.stdout + shown.stderr
+
+
+def test_import_does_not_load_torch():
+    code = "import sys, generate_instruction; assert 'torch' not in sys.modules, 'torch was imported'"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
