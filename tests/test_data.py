@@ -1,11 +1,16 @@
 """Checks on the data the project ships: the schema and counts of seed_tasks.jsonl, prompt.txt
-and alpaca_data.json."""
+and alpaca_data.json; that they are the team's own (no seed within ROUGE-L 0.5 of an original
+seed, no example within 0.7 of the original 52K, compared with the generator's own RougeLIndex);
+and that the generator encodes and parses our prompt and seeds without loss."""
 import json
 import re
 
+import numpy as np
 import pytest
 
+import generate_instruction
 from conftest import ROOT, shared_file
+from rouge_dedup import RougeLIndex
 from utils import jload
 
 SEED_KEYS = ["id", "name", "instruction", "instances", "is_classification"]
@@ -116,6 +121,40 @@ def test_prompt_requirements_are_numbered_in_order(prompt):
     assert len(numbers) >= 8
 
 
+def test_no_seed_is_close_to_an_original_seed(seeds):
+    original = [record["instruction"] for _, record in read_seed_lines(shared_file("seed_tasks.jsonl"))]
+    index = RougeLIndex(original)
+    # The comparison is live: an original seed scores 1 against itself.
+    assert index.scores(original[0])[0] == 1.0
+    scores = index.scores_many([record["instruction"] for record in seeds])
+    worst = np.unravel_index(scores.argmax(), scores.shape)
+    assert scores.max() <= 0.5, (
+        f"seed_tasks.jsonl record {worst[0]} has ROUGE-L F {scores.max():.3f} against original "
+        f"seed {worst[1]}"
+    )
+
+
+def test_generator_encodes_and_parses_our_prompt_and_seeds_back(prompt):
+    """Every seed, written by encode_prompt as the model would continue the list, comes back
+    unchanged from post_process_response, and none is dropped by the generator's filters."""
+    tasks = generate_instruction.load_seed_tasks(str(ROOT / "seed_tasks.jsonl"))
+    prompt_path = str(ROOT / "prompt.txt")
+    # Like a real request: 3 examples in the prompt, then a completion of up to 16 more tasks
+    # (numbered 4..19, stopping before the 20th); each seed is in some completion once.
+    for start in range(0, len(tasks), 16):
+        examples = tasks[start - 3 : start] if start else tasks[-3:]
+        continuation = tasks[start : start + 16]
+        request = generate_instruction.encode_prompt(examples, prompt_path)
+        assert request.startswith(prompt + "\n###\n1. Instruction: ")
+        assert request.endswith("###\n4. Instruction:")
+        written = generate_instruction.encode_prompt(examples + continuation, prompt_path)
+        assert written.startswith(request)
+        completion = written[len(request) : written.rindex("###")]
+        parsed, dropped = generate_instruction.post_process_response(len(examples), completion, "stop")
+        assert not dropped, f"seeds {start}..{start + len(continuation) - 1}: dropped {dict(dropped)}"
+        assert parsed == continuation
+
+
 @pytest.fixture(scope="module")
 def alpaca_records():
     return jload(ROOT / "alpaca_data.json")
@@ -136,3 +175,33 @@ def test_alpaca_data_has_the_training_schema(alpaca_records):
 def test_alpaca_data_has_about_40_percent_with_input(alpaca_records):
     share = sum(bool(record["input"].strip()) for record in alpaca_records) / len(alpaca_records)
     assert 0.35 <= share <= 0.45, f"{share:.1%} of the records have an input"
+
+
+def test_alpaca_instructions_are_unique_and_pairwise_below_0_7(alpaca_records):
+    instructions = [record["instruction"] for record in alpaca_records]
+    assert len({normalized(text) for text in instructions}) == len(instructions)
+    scores = RougeLIndex(instructions).scores_many(instructions)
+    np.fill_diagonal(scores, 0.0)
+    first, second = np.unravel_index(scores.argmax(), scores.shape)
+    assert scores.max() <= 0.7, (
+        f"alpaca_data.json records {first} and {second} have ROUGE-L F {scores.max():.3f}: "
+        f"{instructions[first]!r} / {instructions[second]!r}"
+    )
+
+
+def test_alpaca_instructions_are_not_close_to_the_original_52k(alpaca_records):
+    original = [record["instruction"] for record in jload(shared_file("alpaca_data.json"))]
+    index = RougeLIndex(original)
+    ours = [record["instruction"] for record in alpaca_records]
+    worst_score, worst_pair = 0.0, None
+    for start in range(0, len(ours), 128):  # 128 x 52K scores at a time: about 50 MB
+        scores = index.scores_many(ours[start : start + 128])
+        row, column = np.unravel_index(scores.argmax(), scores.shape)
+        if scores[row, column] > worst_score:
+            worst_score, worst_pair = scores[row, column], (start + row, column)
+    assert worst_pair is not None  # the comparison is live: some words are shared
+    ours_index, original_index = worst_pair
+    assert worst_score <= 0.7, (
+        f"alpaca_data.json record {ours_index} has ROUGE-L F {worst_score:.3f} against original "
+        f"record {original_index}: {ours[ours_index]!r} / {original[original_index]!r}"
+    )
