@@ -21,7 +21,7 @@ import uuid
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import fire
 import torch
@@ -72,13 +72,6 @@ def context_length(model: transformers.PreTrainedModel) -> int:
     return int(getattr(model.config, "max_position_embeddings", None) or 2048)
 
 
-def eos_token_ids(model: transformers.PreTrainedModel, tokenizer) -> set[int]:
-    eos = model.generation_config.eos_token_id
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    return set(eos if isinstance(eos, list) else [eos])
-
-
 def decoding_kwargs(
     temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, num_beams: int = 1, repetition_penalty: float = 1.0
 ) -> dict:
@@ -104,17 +97,38 @@ class Completion:
     completion_tokens: int
 
 
-def decode_new_text(tokenizer, prompt_ids: Sequence[int], new_ids: Sequence[int]) -> str:
-    """The text of `new_ids` as it continues the prompt.
+class TextDecoder:
+    """The text of generated tokens, built one token at a time.
 
-    Decoding new tokens alone drops the leading space of SentencePiece tokenizers ("▁The" ->
-    "The"), so they are decoded after the prompt's last few tokens and that prefix is removed."""
-    context = list(prompt_ids[-4:])
-    head = tokenizer.decode(context, skip_special_tokens=True)
-    full = tokenizer.decode(context + list(new_ids), skip_special_tokens=True)
-    if full.startswith(head):
-        return full[len(head):]
-    return tokenizer.decode(list(new_ids), skip_special_tokens=True)
+    A token's text can depend on its neighbours (SentencePiece drops the leading space of the
+    first token decoded; a character may be split over several byte tokens), so each step
+    decodes a short window of recent tokens, starting inside the prompt, and appends what the
+    newest tokens add to it. Decoding the whole text again at every token would be quadratic."""
+
+    def __init__(self, tokenizer, prompt_ids: Sequence[int]):
+        self.tokenizer = tokenizer
+        self.ids = list(prompt_ids[-4:])
+        self.start, self.done = 0, len(self.ids)  # the window is ids[start:]; ids[:done] are in text
+        self.text = ""
+
+    def _added(self) -> str:
+        before = self.tokenizer.decode(self.ids[self.start:self.done], skip_special_tokens=True)
+        after = self.tokenizer.decode(self.ids[self.start:], skip_special_tokens=True)
+        return after[len(before):] if after.startswith(before) else ""
+
+    def add(self, token: int) -> None:
+        self.ids.append(token)
+        added = self._added()
+        # U+FFFD at the end is a character whose bytes have not all arrived yet.
+        if added and not added.endswith("\ufffd"):
+            self.text += added
+            self.start, self.done = self.done, len(self.ids)
+
+    def flush(self) -> str:
+        """The whole text, including a last incomplete character."""
+        self.text += self._added()
+        self.start = self.done = len(self.ids)
+        return self.text
 
 
 def find_stop(text: str, stop: Sequence[str]) -> int:
@@ -123,21 +137,42 @@ def find_stop(text: str, stop: Sequence[str]) -> int:
     return min(found) if found else -1
 
 
-def finish(tokenizer, prompt_ids: Sequence[int], new_ids: Sequence[int], end_ids: set[int], stop: Sequence[str],
-           eos_ids: set[int]) -> Completion:
-    """Cut the generated tokens at the end of sequence (or padding) and the text at a stop string."""
-    new_ids = list(new_ids)
-    reason = "length"
-    for position, token in enumerate(new_ids):
-        if token in end_ids:
-            reason = "stop" if token in eos_ids else reason
-            new_ids = new_ids[:position]
+def text_pieces(
+    tokenizer, prompt_ids: Sequence[int], token_lists: Iterable[list[int]], stop: Sequence[str],
+    end_ids: set[int], eos_ids: set[int],
+) -> Iterator[tuple[str, str | None]]:
+    """Turn generated tokens (arriving as lists) into text, yielding `(new_text, None)` as it
+    becomes final and lastly `(last_text, finish_reason)`. The text ends before the first end
+    token (end of sequence, or padding) and before the first stop string."""
+    decoder = TextDecoder(tokenizer, prompt_ids)
+    # Text that could be the start of a stop string is held back until it is known not to be.
+    hold = max((len(s) for s in stop), default=1) - 1
+    sent, reason = 0, None
+    for tokens in token_lists:
+        for token in tokens:
+            if token in end_ids:
+                reason = "stop" if token in eos_ids else "length"
+                break
+            decoder.add(token)
+        if reason or find_stop(decoder.text, stop) >= 0:
             break
-    text = decode_new_text(tokenizer, prompt_ids, new_ids)
+        ready = len(decoder.text) - hold
+        if ready > sent:
+            yield decoder.text[sent:ready], None
+            sent = ready
+    text = decoder.flush()
     cut = find_stop(text, stop)
     if cut >= 0:
         text, reason = text[:cut], "stop"
-    return Completion(text, reason, len(prompt_ids), len(new_ids))
+    yield text[sent:], reason or "length"
+
+
+def end_token_ids(model, tokenizer) -> tuple[set[int], set[int]]:
+    """(tokens that end a sequence: end of sequence and padding, the end-of-sequence tokens)."""
+    eos = model.generation_config.eos_token_id
+    eos = tokenizer.eos_token_id if eos is None else eos
+    eos_ids = set(eos if isinstance(eos, list) else [eos])
+    return eos_ids | {tokenizer.pad_token_id}, eos_ids
 
 
 def complete_batch(
@@ -147,15 +182,16 @@ def complete_batch(
     position and the new tokens line up."""
     encoded = [tokenizer(prompt)["input_ids"] for prompt in prompts]
     batch = tokenizer.pad({"input_ids": encoded}, padding=True, return_tensors="pt").to(model.device)
-    if stop:
+    if stop:  # let generate stop each sequence at its stop string
         decoding.update(stop_strings=list(stop), tokenizer=tokenizer)
-    output = model.generate(
-        **batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **decoding
-    )
-    new_tokens = output[:, batch["input_ids"].shape[1]:].tolist()
-    eos_ids = eos_token_ids(model, tokenizer)
-    end_ids = eos_ids | {tokenizer.pad_token_id}
-    return [finish(tokenizer, ids, new, end_ids, stop, eos_ids) for ids, new in zip(encoded, new_tokens)]
+    output = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **decoding)
+    end_ids, eos_ids = end_token_ids(model, tokenizer)
+    completions = []
+    for prompt_ids, new_ids in zip(encoded, output[:, batch["input_ids"].shape[1]:].tolist()):
+        pieces = list(text_pieces(tokenizer, prompt_ids, [new_ids], stop, end_ids, eos_ids))
+        generated = next((i for i, token in enumerate(new_ids) if token in end_ids), len(new_ids))
+        completions.append(Completion("".join(p for p, _ in pieces), pieces[-1][1], len(prompt_ids), generated))
+    return completions
 
 
 class TokenQueue(BaseStreamer):
@@ -194,7 +230,7 @@ def stream_completion(
     model, tokenizer, prompt: str, max_new_tokens: int, stop: Sequence[str] = (), **decoding
 ) -> Iterator[tuple[str, str | None]]:
     """Complete one raw prompt, yielding `(new_text, None)` as tokens arrive and finally
-    `(last_text, finish_reason)`. The concatenated text equals `complete_batch`'s for the same
+    `(last_text, finish_reason)`: the pieces add up to `complete_batch`'s text for the same
     prompt. Closing the iterator early stops the generation."""
     prompt_ids = tokenizer(prompt)["input_ids"]
     streamer, cancelled, errors = TokenQueue(), threading.Event(), []
@@ -215,34 +251,19 @@ def stream_completion(
         finally:
             streamer.end()
 
+    def new_tokens() -> Iterator[list[int]]:
+        yield from streamer
+        thread.join()
+        if errors:
+            raise errors[0]
+
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    eos_ids = eos_token_ids(model, tokenizer)
-    end_ids = eos_ids | {tokenizer.pad_token_id}
-    # Text that could be the start of a stop string is held back until it is known not to be.
-    hold = max((len(s) for s in stop), default=1) - 1
-    new_ids: list[int] = []
-    sent = 0
-    completion = None
     try:
-        for tokens in streamer:
-            new_ids += tokens
-            completion = finish(tokenizer, prompt_ids, new_ids, end_ids, stop, eos_ids)
-            if completion.finish_reason == "stop":
-                break
-            # A trailing U+FFFD is a character whose bytes have not all arrived yet.
-            ready = len(completion.text.rstrip("\ufffd")) - hold
-            if ready > sent:
-                yield completion.text[sent:ready], None
-                sent = ready
+        yield from text_pieces(tokenizer, prompt_ids, new_tokens(), stop, *end_token_ids(model, tokenizer))
     finally:
         cancelled.set()
         thread.join()
-    if errors:
-        raise errors[0]
-    if completion is None:  # max_new_tokens was 0
-        completion = finish(tokenizer, prompt_ids, [], end_ids, stop, eos_ids)
-    yield completion.text[sent:], completion.finish_reason
 
 
 def stripped(chunks: Iterator[tuple[str, str | None]]) -> Iterator[tuple[str, str | None]]:
@@ -419,9 +440,9 @@ $("generate").onclick = async () => {
 class RequestError(Exception):
     """A request the server refuses, with the HTTP status to answer."""
 
-    def __init__(self, message: str, status: int = HTTPStatus.BAD_REQUEST):
+    def __init__(self, message: str, status: int = HTTPStatus.BAD_REQUEST, code: str | None = None):
         super().__init__(message)
-        self.status = status
+        self.status, self.code = status, code
 
 
 def get_field(body: dict, name: str, kind: type | tuple, default: Any, low: float | None = None,
@@ -473,9 +494,9 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def send_error_json(self, status: int, message: str) -> None:
+    def send_error_json(self, status: int, message: str, code: str | None = None) -> None:
         kind = "invalid_request_error" if status < 500 else "server_error"
-        self.send_json({"error": {"message": message, "type": kind, "param": None, "code": None}}, status)
+        self.send_json({"error": {"message": message, "type": kind, "param": None, "code": code}}, status)
 
     def read_json(self) -> dict:
         length = self.headers.get("Content-Length")
@@ -513,7 +534,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         try:
             handlers[self.path](self.read_json())
         except RequestError as error:
-            self.send_error_json(error.status, str(error))
+            self.send_error_json(error.status, str(error), error.code)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client went away; its generation was stopped
         except Exception as error:
@@ -551,12 +572,15 @@ class RequestHandler(BaseHTTPRequestHandler):
         """`max_tokens` cut to what fits in the model's context after the prompt; a prompt that
         leaves no room is refused."""
         tokens = len(self.server.tokenizer(prompt)["input_ids"])
-        room = context_length(self.server.model) - tokens
-        if room < 1:
+        context = context_length(self.server.model)
+        if tokens >= context:
+            # OpenAI's wording and code, which clients parse to shorten their requests.
             raise RequestError(
-                f"the prompt is {tokens} tokens; this model's context is {context_length(self.server.model)} tokens"
+                f"This model's maximum context length is {context} tokens, however you requested "
+                f"{tokens + 1} tokens ({tokens} in your prompt; 1 for the completion). "
+                "Please reduce the length of the prompt.", code="context_length_exceeded",
             )
-        return min(max_tokens, room)
+        return min(max_tokens, context - tokens)
 
     def completions(self, body: dict) -> None:
         prompts = body.get("prompt")
@@ -625,13 +649,13 @@ class RequestHandler(BaseHTTPRequestHandler):
 
         try:
             for index, prompt in enumerate(prompts):
-                chunks = stream_completion(self.server.model, self.server.tokenizer, prompt, max_tokens,
-                                           sampling["stop"], **sampling["decoding"])
-                if chat:
-                    chunks = stripped(chunks)
-                    send({"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
-                with contextlib.closing(chunks):
-                    for delta, reason in chunks:
+                generation = stream_completion(self.server.model, self.server.tokenizer, prompt, max_tokens,
+                                               sampling["stop"], **sampling["decoding"])
+                # Closing the generation stops it at once when the client has gone away.
+                with contextlib.closing(generation):
+                    if chat:
+                        send({"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+                    for delta, reason in stripped(generation) if chat else generation:
                         if chat:
                             send({"index": index, "delta": {"content": delta} if delta else {}, "finish_reason": reason})
                         else:

@@ -10,12 +10,14 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import ROOT
+from conftest import ROOT, build_tiny_llama
 from inference import complete_batch, load_model, stream_completion
 from utils import format_prompt, jdump, jload
 
@@ -54,8 +56,17 @@ def reference_response(model_dir, instruction: str, input: str = "", max_new_tok
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_llama_dir):
-    return load_model(str(tiny_llama_dir))
+def served_dir(tmp_path_factory):
+    """The tiny model with a 4096-token context (generate_instruction.py's prompts take about
+    1,500 tokens of the tiny tokenizer); the server tests use it."""
+    directory = tmp_path_factory.mktemp("served") / "tiny-served"
+    build_tiny_llama(directory, max_position_embeddings=4096)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tiny(served_dir):
+    return load_model(str(served_dir))
 
 
 # --- command line ----------------------------------------------------------------------------
@@ -176,10 +187,10 @@ def test_batch_file_errors_name_the_file_and_record(tiny_llama_dir, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_llama_dir):
+def server(served_dir):
     """inference.py --serve on a free port, in a subprocess; yields its base URL."""
     process = subprocess.Popen(
-        [sys.executable, str(ROOT / "inference.py"), "--model_name_or_path", str(tiny_llama_dir), "--serve",
+        [sys.executable, str(ROOT / "inference.py"), "--model_name_or_path", str(served_dir), "--serve",
          "--port", "0", "--max_new_tokens", "16"],
         stderr=subprocess.PIPE, text=True,
     )
@@ -239,9 +250,9 @@ def test_completions_streaming_and_seeded_sampling(client, tiny):
     assert len({sample(seed) for seed in range(4)}) > 1
 
 
-def test_chat_completions_use_the_alpaca_template(client, tiny_llama_dir):
+def test_chat_completions_use_the_alpaca_template(client, served_dir):
     instruction, input = INSTRUCTIONS[1]
-    expected = reference_response(tiny_llama_dir, instruction, input, 16)
+    expected = reference_response(served_dir, instruction, input, 16)
     messages = [{"role": "system", "content": "ignored"}, {"role": "user", "content": instruction}]
     response = client.chat.completions.create(model="tiny", messages=messages, extra_body={"input": input})
     assert response.choices[0].message.role == "assistant"
@@ -253,7 +264,33 @@ def test_chat_completions_use_the_alpaca_template(client, tiny_llama_dir):
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
     assert chunks[-1].choices[0].finish_reason == response.choices[0].finish_reason
-    assert [m.id for m in client.models.list().data] == [tiny_llama_dir.name]
+    assert [m.id for m in client.models.list().data] == [served_dir.name]
+
+
+def test_concurrent_requests_are_served_one_at_a_time_with_the_same_results(client):
+    prompts = [f"The fox number {i}" for i in range(6)]
+
+    def complete(prompt):
+        return client.completions.create(model="tiny", prompt=prompt, max_tokens=24).choices[0].text
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(complete, prompts))
+    assert together == [complete(prompt) for prompt in prompts]
+
+
+def test_a_client_that_goes_away_stops_its_generation(server, client):
+    host, port = server.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    body = json.dumps({"prompt": "The fox", "max_tokens": 4000, "stream": True})
+    connection.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+    reply = connection.getresponse()
+    assert reply.status == 200 and reply.readline().startswith(b"data: ")
+    reply.close()
+    connection.close()
+    # 4,000 tokens take several seconds; the lock is free again long before that.
+    started = time.perf_counter()
+    client.completions.create(model="tiny", prompt="next", max_tokens=1)
+    assert time.perf_counter() - started < 2.0
 
 
 def post(server: str, path: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
@@ -273,7 +310,7 @@ def post(server: str, path: str, body: bytes, headers: dict | None = None) -> tu
     ("/v1/completions", b'{"prompt": "hi", "max_tokens": 0}', 400, "'max_tokens' must be"),
     ("/v1/completions", b'{"prompt": "hi", "n": 1000}', 400, "'n' must be"),
     ("/v1/completions", b'{"prompt": "hi", "stop": [1]}', 400, "'stop' must be"),
-    ("/v1/completions", json.dumps({"prompt": "fox " * 3000}).encode(), 400, "this model's context is 1024"),
+    ("/v1/completions", json.dumps({"prompt": "fox " * 9000}).encode(), 400, "maximum context length is 4096 tokens"),
     ("/v1/chat/completions", b'{"model": "tiny"}', 400, "'messages' is required"),
     ("/v1/chat/completions", b'{"messages": [{"role": "system", "content": "x"}]}', 400, "no message with role"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": 5}]}', 400, "'content' must be"),
@@ -289,12 +326,13 @@ def test_oversized_body_and_client_errors_through_openai(server, client):
     assert code == 413 and "at most" in reply["error"]["message"]
     import openai
 
-    with pytest.raises(openai.BadRequestError, match="context is 1024"):
-        client.completions.create(model="tiny", prompt="fox " * 3000, max_tokens=4)
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 4096 tokens") as error:
+        client.completions.create(model="tiny", prompt="fox " * 9000, max_tokens=4)
+    assert error.value.code == "context_length_exceeded"
     assert client.completions.create(model="tiny", prompt="still alive", max_tokens=2).choices[0].text is not None
 
 
-def test_web_page_in_a_headless_browser(server, tiny_llama_dir):
+def test_web_page_in_a_headless_browser(server, served_dir):
     if not (os.path.exists("/usr/bin/chromium") and os.path.exists("/usr/bin/chromedriver")):
         message = "Debian chromium and chromium-driver are not installed (/usr/bin/chromium, /usr/bin/chromedriver)"
         if os.environ.get("ALPACA_REQUIRE_SHARED") == "1":
@@ -322,11 +360,11 @@ def test_web_page_in_a_headless_browser(server, tiny_llama_dir):
         response = driver.find_element(By.ID, "response")
         WebDriverWait(driver, 60).until(lambda _: response.get_attribute("data-state") in ("done", "error"))
         assert response.get_attribute("data-state") == "done", response.text
-        expected = reference_response(tiny_llama_dir, instruction, max_new_tokens=256)
+        expected = reference_response(served_dir, instruction, max_new_tokens=256)
         # The browser normalises the text it shows; compare what it shows with what it was sent.
         shown = driver.execute_script("return document.getElementById('response').textContent")
         assert shown and shown == expected
-        assert driver.find_element(By.ID, "model").text == tiny_llama_dir.name
+        assert driver.find_element(By.ID, "model").text == served_dir.name
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
