@@ -1,0 +1,678 @@
+"""Release a fine-tuned model as a weight diff against its base model, and recover it.
+
+    python weight_diff.py make_diff --path_raw R --path_tuned T --path_diff D
+    python weight_diff.py recover --path_raw R --path_diff D --path_tuned T
+    python weight_diff.py verify --path_tuned T --manifest D
+
+The arithmetic is the original Alpaca release's: every tensor in float32, `diff = tuned - raw`
+and `tuned = raw + diff`, parameter by parameter. When the raw tokenizer has no pad token, the
+raw embedding matrices (input and output) first get one more row, the mean of the existing
+rows, for the `[PAD]` token that fine-tuning added; the diff's extra row says this is needed.
+
+How it is done differs from the original:
+- streaming: one tensor at a time from (sharded) safetensors or `.bin` checkpoints, written
+  straight into sharded safetensors, so memory stays at a few times the largest tensor
+  whatever the model size (the original holds two float32 models: about 54 GB for 7B);
+- safe: `.bin` files are unpickled with `weights_only=True`, which rebuilds tensors and plain
+  containers only; a file that needs anything else is refused, never executed;
+- exact: make_diff writes a manifest with the sha256 of every tensor as recover will compute
+  it; recover checks each tensor against it, and `verify` checks a saved model;
+- atomic: output is written into a temporary directory beside the target and renamed into
+  place at the end, so on any error nothing is left at the target.
+"""
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import fire
+import torch
+import transformers
+from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
+
+import utils
+
+MANIFEST_NAME = "weight_diff_manifest.json"
+PAD_TOKEN = "[PAD]"
+# The original's naive integrity check: the sum of all parameter sums of the recovered
+# Alpaca-7B must be this value, within NAIVE_SUM_ATOL.
+ALPACA_7B_SUM = 50637.1836
+NAIVE_SUM_ATOL = 1e-2
+# Checkpoints saved by transformers < 4.31 (such as the 2023 Alpaca-7B diff) hold every LLaMA
+# layer's rotary `inv_freq` buffer; newer versions compute it from the config and neither save
+# nor read it. A raw LLaMA converted today therefore lacks tensors the diff has: such buffers
+# are recovered when both inputs have them and skipped, with a note, when only one has.
+RECOMPUTED_BUFFER_SUFFIX = ".rotary_emb.inv_freq"
+OUTPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+TEST_INSTRUCTION = "List three technologies that make life easier."
+BLOCK_BYTES = 16 * 2**20  # read from a file at a time
+
+
+class WeightDiffError(Exception):
+    """A problem with the inputs or the target, explained for the user (no traceback needed)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading checkpoints tensor by tensor
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous tensor (little-endian, as safetensors stores them), not copied."""
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor is stored, and its shape and dtype, known before reading its data."""
+
+    file: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    offset: int | None = None  # where its bytes start in a safetensors file
+
+
+def index_checkpoint(directory: str) -> dict[str, TensorInfo]:
+    """Every tensor of a Hugging Face checkpoint directory, without reading tensor data.
+    Looks for the files transformers writes, safetensors first: model.safetensors or its
+    sharded index, then pytorch_model.bin or its sharded index."""
+    for weights_name in ("model.safetensors", "pytorch_model.bin"):
+        index_path = os.path.join(directory, weights_name + ".index.json")
+        if os.path.exists(index_path):
+            return index_shards(index_path)
+        single_path = os.path.join(directory, weights_name)
+        if os.path.exists(single_path):
+            return describe_shard(single_path)
+    raise WeightDiffError(
+        f"{directory}: no model weights found (looked for model.safetensors, pytorch_model.bin "
+        "and their sharded forms with an .index.json)"
+    )
+
+
+def index_shards(index_path: str) -> dict[str, TensorInfo]:
+    """The tensors a sharded checkpoint's index lists, each checked to be in its shard."""
+    try:
+        weight_map = dict(utils.jload(index_path)["weight_map"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise WeightDiffError(f"{index_path}: not a checkpoint index with a 'weight_map' ({e})") from None
+    directory = os.path.dirname(index_path)
+    shards = {}
+    for shard in sorted(set(weight_map.values())):
+        shard_path = os.path.join(directory, shard)
+        if not os.path.exists(shard_path):
+            raise WeightDiffError(f"{index_path}: lists shard {shard}, which does not exist")
+        shards[shard] = describe_shard(shard_path)
+    tensors = {}
+    for name, shard in weight_map.items():
+        if name not in shards[shard]:
+            raise WeightDiffError(f"{os.path.join(directory, shard)}: has no tensor {name}, which {index_path} places there")
+        tensors[name] = shards[shard][name]
+    return tensors
+
+
+def describe_shard(path: str) -> dict[str, TensorInfo]:
+    """Names, shapes and dtypes of the tensors in one .safetensors or .bin file."""
+    if path.endswith(".safetensors"):
+        try:  # safe_open validates the header and that the file holds all the data it lists
+            with safe_open(path, framework="pt") as f:
+                slices = {name: f.get_slice(name) for name in f.keys()}
+                stored = {name: (tuple(s.get_shape()), s.get_dtype()) for name, s in slices.items()}
+        except SafetensorError as e:
+            raise WeightDiffError(f"{path}: not a readable safetensors file, probably truncated or corrupt ({e})") from None
+        for name, (_, dtype) in stored.items():
+            if dtype not in SAFETENSORS_DTYPES:
+                raise WeightDiffError(f"{path}: tensor {name} has dtype {dtype}; only floating-point weights can be diffed")
+        # The byte offsets, which safe_open does not expose, for plain reads (see stored_blocks).
+        with open(path, "rb") as f:
+            header_size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_size))
+        return {
+            name: TensorInfo(path, shape, SAFETENSORS_DTYPES[dtype], 8 + header_size + header[name]["data_offsets"][0])
+            for name, (shape, dtype) in stored.items()
+        }
+    state_dict = load_bin(path)
+    for name, tensor in state_dict.items():
+        if not tensor.is_floating_point():
+            raise WeightDiffError(f"{path}: tensor {name} has dtype {tensor.dtype}; only floating-point weights can be diffed")
+    return {name: TensorInfo(path, tuple(tensor.shape), tensor.dtype) for name, tensor in state_dict.items()}
+
+
+def load_bin(path: str) -> dict[str, torch.Tensor]:
+    """A .bin state dict, memory-mapped (nothing is read until used) and unpickled with
+    `weights_only=True`: only tensors and plain containers are rebuilt, so a file carrying
+    code cannot run it. A file that needs more than that is refused, with no fallback."""
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        reason = next((line.strip() for line in str(e).splitlines() if "Unsupported" in line), "")
+        raise WeightDiffError(
+            f"{path}: refused: unpickling it needs objects other than tensors, which could run "
+            f"arbitrary code, so it is not loaded. Get the weights from a trusted source, "
+            f"preferably as safetensors. {reason}"
+        ) from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise WeightDiffError(f"{path}: not a readable PyTorch checkpoint, probably truncated or corrupt ({e})") from None
+    if not isinstance(state_dict, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()
+    ):
+        raise WeightDiffError(f"{path}: not a state dict (a mapping from tensor names to tensors)")
+    return state_dict
+
+
+@functools.cache
+def read_buffer() -> torch.Tensor:
+    """The one buffer that file reads go through, allocated once. (Large buffers allocated and
+    freed tensor after tensor fragment the C heap, and the process grows by about a tensor's
+    size each time: measured 1.1 GB instead of 0.5 GB over a 0.3B-parameter model. The same
+    goes for `reusable_buffer`.)"""
+    return torch.empty(BLOCK_BYTES, dtype=torch.uint8)
+
+
+def stored_blocks(info: TensorInfo, name: str) -> Iterator[tuple[int, torch.Tensor]]:
+    """A stored tensor's elements in order (flattened), BLOCK_BYTES at a time, as pairs of
+    (index of the first element, block); a block is valid until the next one is yielded.
+    Safetensors data is read with plain file reads into one reused buffer: memory stays at one
+    block, where a memory map would keep every page it touched resident until it is closed."""
+    numel = torch.Size(info.shape).numel()
+    block_elements = BLOCK_BYTES // info.dtype.itemsize
+    if info.offset is None:  # .bin: memory-mapped copy-on-write, so the file is never written
+        flat = load_bin(info.file)[name].reshape(-1)
+        for start in range(0, numel, block_elements):
+            yield start, flat[start : start + block_elements]
+        return
+    buffer = read_buffer().view(info.dtype)
+    with open(info.file, "rb", buffering=0) as f:
+        f.seek(info.offset)
+        for start in range(0, numel, block_elements):
+            block = buffer[: min(block_elements, numel - start)]
+            if f.readinto(tensor_bytes(block)) != block.nbytes:
+                raise WeightDiffError(f"{info.file}: ends inside tensor {name}; the file is truncated")
+            yield start, block
+
+
+def load_into(tensor: torch.Tensor, info: TensorInfo, name: str) -> None:
+    """Copy a stored tensor into the first elements of `tensor`, converting it to the dtype of
+    `tensor` (float32 here, as the original loaded every model)."""
+    flat = tensor.view(-1)
+    for start, block in stored_blocks(info, name):
+        flat[start : start + len(block)] = block
+
+
+def add_stored(tensor: torch.Tensor, info: TensorInfo, name: str) -> None:
+    """`tensor += stored tensor` in float32, one block of the stored tensor at a time."""
+    flat = tensor.view(-1)
+    for start, block in stored_blocks(info, name):
+        flat[start : start + len(block)].add_(block)
+
+
+def reusable_buffer(shapes: list[tuple[int, ...]], dtype: torch.dtype) -> torch.Tensor:
+    """Memory for the largest of `shapes`, to hold each tensor in turn (see `shaped`), instead
+    of a new tensor each time, which would fragment the heap (see `read_buffer`)."""
+    return torch.empty(max(torch.Size(shape).numel() for shape in shapes), dtype=dtype)
+
+
+def shaped(buffer: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The start of a reusable buffer, viewed as a tensor of `shape`."""
+    return buffer[: torch.Size(shape).numel()].view(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing sharded safetensors one tensor at a time
+
+
+class ShardedSafetensorsWriter:
+    """Writes tensors into sharded safetensors files as they are computed. A safetensors file
+    starts with a header giving every tensor's shape and byte offsets, so the layout of all
+    shards is planned up front from the known shapes; `write` then takes the tensors in that
+    order and appends each one's bytes."""
+
+    def __init__(self, directory: str, layout: dict[str, tuple[tuple[int, ...], torch.dtype]], max_shard_bytes: int):
+        self.directory = directory
+        self.layout = layout
+        self.shards: list[list[str]] = [[]]
+        shard_bytes = 0
+        for name in layout:
+            if self.shards[-1] and shard_bytes + self.nbytes(name) > max_shard_bytes:
+                self.shards.append([])
+                shard_bytes = 0
+            self.shards[-1].append(name)
+            shard_bytes += self.nbytes(name)
+        count = len(self.shards)
+        self.file_names = (
+            ["model.safetensors"] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+        )
+        self.order = [name for shard in self.shards for name in shard]
+        self.shard_of = {name: i for i, shard in enumerate(self.shards) for name in shard}
+        self.written = 0
+        self.file = None
+        self.open_shard = -1
+
+    def nbytes(self, name: str) -> int:
+        shape, dtype = self.layout[name]
+        return torch.Size(shape).numel() * dtype.itemsize
+
+    def start_shard(self, shard: int) -> None:
+        header = {"__metadata__": {"format": "pt"}}  # transformers requires format=pt
+        offset = 0
+        for name in self.shards[shard]:
+            shape, dtype = self.layout[name]
+            header[name] = {"dtype": SAFETENSORS_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + self.nbytes(name)]}
+            offset += self.nbytes(name)
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # the format pads the header to 8-byte alignment
+        self.finish_file()
+        self.file = open(os.path.join(self.directory, self.file_names[shard]), "wb")
+        self.file.write(len(encoded).to_bytes(8, "little") + encoded)
+        self.open_shard = shard
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next tensor of the plan, which must have the planned shape and dtype."""
+        expected = self.order[self.written] if self.written < len(self.order) else None
+        if name != expected:
+            raise RuntimeError(f"tensor {name} written out of the planned order (expected {expected})")
+        shape, dtype = self.layout[name]
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise RuntimeError(f"tensor {name}: planned {shape} {dtype}, got {tuple(tensor.shape)} {tensor.dtype}")
+        if self.shard_of[name] != self.open_shard:
+            self.start_shard(self.shard_of[name])
+        self.file.write(tensor_bytes(tensor))
+        self.written += 1
+
+    def finish_file(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    def close(self) -> None:
+        """Finish the last shard and, when there are several, write the index json."""
+        if self.written != len(self.order):
+            raise RuntimeError(f"{len(self.order) - self.written} planned tensors were never written")
+        self.finish_file()
+        if len(self.shards) > 1:
+            weight_map = {name: self.file_names[self.shard_of[name]] for name in self.order}
+            total_size = sum(self.nbytes(name) for name in self.order)
+            index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+            utils.jdump(index, os.path.join(self.directory, "model.safetensors.index.json"), indent=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The arithmetic and the checks shared by make_diff and recover
+
+
+def init_new_rows_to_mean(weight: torch.Tensor, num_new_rows: int) -> None:
+    """Set the last `num_new_rows` rows of an embedding matrix just grown for added tokens to
+    the mean of the rows before them: how fine-tuning initialises the [PAD] embedding (the
+    original's smart_tokenizer_and_embedding_resize, applied to one float32 matrix)."""
+    weight[-num_new_rows:] = weight[:-num_new_rows].mean(dim=0, keepdim=True)
+
+
+def match_tensors(
+    raw: dict[str, TensorInfo], other: dict[str, TensorInfo], path_raw: str, path_other: str
+) -> tuple[set[str], set[str]]:
+    """Check that `other` (the tuned model or the diff) has the raw model's tensors with the
+    same shapes, except embedding matrices one row longer for the [PAD] token that fine-tuning
+    adds when the raw tokenizer has none. Returns the names to process and those getting the
+    [PAD] row."""
+    skipped = {name for name in raw.keys() ^ other.keys() if name.endswith(RECOMPUTED_BUFFER_SUFFIX)}
+    if skipped:
+        print(f"note: skipping {len(skipped)} rotary inv_freq buffers that only one input has (transformers recomputes them)")
+    for has, lacks, names in (
+        (path_raw, path_other, raw.keys() - other.keys() - skipped),
+        (path_other, path_raw, other.keys() - raw.keys() - skipped),
+    ):
+        if names:
+            listed = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
+            raise WeightDiffError(
+                f"{has} has {len(names)} tensors that {lacks} lacks ({listed}): "
+                "the two are not the same model architecture"
+            )
+    names = raw.keys() & other.keys()
+    grown = {name for name in names if other[name].shape[1:] == raw[name].shape[1:] and other[name].shape[:1] == (raw[name].shape[0] + 1,)}
+    # Only look at the tokenizer when some matrix is one row longer: it is the [PAD] row
+    # exactly when the raw tokenizer has no pad token (the original's rule).
+    pad_rows_expected = bool(grown) and transformers.AutoTokenizer.from_pretrained(path_raw).pad_token is None
+    for name in sorted(names):
+        if raw[name].shape == other[name].shape or (pad_rows_expected and name in grown):
+            continue
+        hint = " (the raw tokenizer has a pad token, so no [PAD] row is added)" if name in grown else ""
+        raise WeightDiffError(
+            f"tensor {name}: shape {raw[name].shape} in {path_raw} but {other[name].shape} in {path_other}{hint}"
+        )
+    return names, grown if pad_rows_expected else set()
+
+
+def model_order(config_dir: str, names: set[str]) -> list[str]:
+    """`names` in the order of the model's state_dict, which the original iterated: the naive
+    integrity sum adds float32 values in this order. Tensors the model does not declare (old
+    rotary buffers) come last."""
+    config = transformers.AutoConfig.from_pretrained(config_dir)
+    with torch.device("meta"):  # builds the module tree without allocating any weight
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    declared = [name for name in model.state_dict() if name in names]
+    return declared + sorted(names.difference(declared))
+
+
+def sha256_hex(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor_bytes(tensor)).hexdigest()
+
+
+def naive_sum(sums: dict[str, torch.Tensor], order: list[str]) -> float:
+    """The original's naive integrity value: the float32 sum, in state_dict order, of the
+    sums of all recovered tensors."""
+    return float(sum(sums[name] for name in order))
+
+
+def is_alpaca_7b(config: dict) -> bool:
+    """Whether a diff's config is the released Alpaca-7B's (LLaMA-7B with the [PAD] token)."""
+    shape = (config.get("model_type"), config.get("hidden_size"), config.get("num_hidden_layers"), config.get("vocab_size"))
+    return shape == ("llama", 4096, 32, 32001)
+
+
+def read_manifest(path: str) -> dict:
+    """A manifest written by make_diff, given as its file or the diff directory holding it."""
+    if os.path.isdir(path):
+        path = os.path.join(path, MANIFEST_NAME)
+    try:
+        manifest = utils.jload(path)
+        tensors = manifest["tensors"]
+        for name, entry in tensors.items():
+            entry["shape"], entry["sha256"] = tuple(entry["shape"]), str(entry["sha256"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise WeightDiffError(f"{path}: not a readable weight diff manifest ({e!r})") from None
+    manifest["path"] = path
+    return manifest
+
+
+def check_manifest_layout(manifest: dict, tensors: dict[str, TensorInfo], names: set[str], source: str) -> None:
+    """The manifest must describe exactly the tensors about to be checked, with their shapes."""
+    listed = set(manifest["tensors"])
+    for problem, found in (("lists tensors missing from", listed - names), ("does not list tensors of", names - listed)):
+        if found:
+            raise WeightDiffError(f"{manifest['path']} {problem} {source}: {', '.join(sorted(found)[:3])}")
+    for name in sorted(names):
+        if manifest["tensors"][name]["shape"] != tensors[name].shape:
+            raise WeightDiffError(
+                f"tensor {name}: shape {tensors[name].shape} in {source} but {manifest['tensors'][name]['shape']} in {manifest['path']}"
+            )
+
+
+def check_target(target: str, overwrite: bool, inputs: list[str]) -> None:
+    """Refuse an existing target without --overwrite, and never let output replace an input."""
+    if os.path.lexists(target) and not overwrite:
+        raise WeightDiffError(f"{target} already exists; pass --overwrite True to replace it")
+    real_target = os.path.realpath(target)
+    for path in inputs:
+        real_input = os.path.realpath(path)
+        if real_target == real_input or real_input.startswith(real_target + os.sep):
+            raise WeightDiffError(f"{target} is an input ({path}); write the output somewhere else")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(target: str | None, overwrite: bool) -> Iterator[str]:
+    """A fresh directory to write into: created beside `target`, renamed to `target` when the
+    block succeeds and deleted when it fails, so the target never holds partial output.
+    Without a target the directory is temporary and always deleted."""
+    if target is None:
+        with tempfile.TemporaryDirectory(prefix="weight_diff-") as scratch:
+            yield scratch
+        return
+    target = os.path.abspath(target)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.partial-", dir=os.path.dirname(target))
+    try:
+        yield staging
+        # mkdtemp made the directory private, as utils.jdump makes its files: give them the
+        # permissions mkdir and open would have.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)
+        for entry in os.scandir(staging):
+            os.chmod(entry.path, 0o666 & ~umask)
+        if os.path.lexists(target):
+            if not overwrite:
+                raise WeightDiffError(f"{target} appeared while writing; pass --overwrite True to replace it")
+            retired = staging + ".old"
+            os.rename(target, retired)
+            os.rename(staging, target)
+            shutil.rmtree(retired) if os.path.isdir(retired) else os.remove(retired)
+        else:
+            os.rename(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def save_config_and_tokenizer(source_dir: str, target_dir: str, dtype: torch.dtype) -> None:
+    """The model config (with its dtype set to the saved weights'), the generation config and
+    the tokenizer of `source_dir`, saved beside the weights in `target_dir`."""
+    config_path = os.path.join(source_dir, "config.json")
+    if not os.path.exists(config_path):
+        raise WeightDiffError(f"{source_dir}: no config.json")
+    config = utils.jload(config_path)
+    dtype_name = str(dtype).removeprefix("torch.")
+    config["dtype"] = dtype_name
+    if "torch_dtype" in config:  # the key's name before transformers 4.56
+        config["torch_dtype"] = dtype_name
+    utils.jdump(config, os.path.join(target_dir, "config.json"), indent=2)
+    generation_config = os.path.join(source_dir, "generation_config.json")
+    if os.path.exists(generation_config):
+        shutil.copyfile(generation_config, os.path.join(target_dir, "generation_config.json"))
+    transformers.AutoTokenizer.from_pretrained(source_dir).save_pretrained(target_dir)
+
+
+def run_test_inference(model_dir: str, device: str, dtype: torch.dtype) -> str:
+    """Greedy 100-token completion of the Alpaca no-input prompt by the model in `model_dir`,
+    printed and returned: a quick look that the recovered model talks sense."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    prompt = utils.format_prompt(TEST_INSTRUCTION)
+    inputs = tokenizer(prompt, return_tensors="pt").to(device)
+    output = model.generate(
+        **inputs,
+        max_new_tokens=100,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    )
+    completion = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    print(f"Input: {prompt}\nCompletion: {completion}")
+    return completion
+
+
+# ---------------------------------------------------------------------------------------------
+# The three commands
+
+
+@torch.inference_mode()
+def make_diff(
+    path_raw: str,
+    path_tuned: str,
+    path_diff: str,
+    device: str = "cpu",
+    overwrite: bool = False,
+    max_shard_size_gb: float = 5.0,
+) -> None:
+    """Write the weight diff `tuned - raw` (float32) with the tuned tokenizer and a manifest.
+
+    Args:
+        path_raw: the base model directory (e.g. LLaMA-7B in Hugging Face format).
+        path_tuned: the fine-tuned model directory.
+        path_diff: where to write the diff; must not exist unless --overwrite True.
+        device: accepted for the original's command line; the arithmetic streams through the
+            CPU (it is bound by disk and memory speed, and IEEE float32 gives the same bits
+            on any device).
+        overwrite: replace an existing path_diff (only once the new diff is complete).
+        max_shard_size_gb: largest safetensors shard to write, in GB (10^9 bytes).
+    """
+    check_target(path_diff, overwrite, [path_raw, path_tuned])
+    raw, tuned = index_checkpoint(path_raw), index_checkpoint(path_tuned)
+    names, padded = match_tensors(raw, tuned, path_raw, path_tuned)
+    order = model_order(path_tuned, names)
+    shapes = [tuned[name].shape for name in order]
+    raw_buffer, tuned_buffer, diff_buffer = (reusable_buffer(shapes, torch.float32) for _ in range(3))
+    with atomic_output_dir(path_diff, overwrite) as out:
+        writer = ShardedSafetensorsWriter(out, {name: (tuned[name].shape, torch.float32) for name in order}, int(max_shard_size_gb * 1e9))
+        entries, sums, largest_difference = {}, {}, 0.0
+        for name in tqdm(order, desc="make_diff", unit="tensor"):
+            raw_tensor, tuned_tensor, diff = (shaped(b, tuned[name].shape) for b in (raw_buffer, tuned_buffer, diff_buffer))
+            load_into(raw_tensor, raw[name], name)
+            if name in padded:
+                init_new_rows_to_mean(raw_tensor, 1)
+            load_into(tuned_tensor, tuned[name], name)
+            torch.sub(tuned_tensor, raw_tensor, out=diff)
+            writer.write(name, diff)
+            # What recover will compute, raw + diff, which can differ from tuned in the last
+            # bit: the manifest holds its hash, so that recover can check it bit for bit.
+            recovered = raw_tensor.add_(diff)
+            entries[name] = {"shape": list(recovered.shape), "sha256": sha256_hex(recovered)}
+            sums[name] = recovered.sum()
+            largest_difference = max(largest_difference, tuned_tensor.sub_(recovered).abs_().max().item())
+        writer.close()
+        manifest = {
+            "about": "sha256 of every float32 tensor as `weight_diff.py recover` computes it (raw + diff)",
+            "dtype": "float32",
+            "naive_sum": naive_sum(sums, order),
+            "pad_row_tensors": sorted(padded),
+            "max_abs_difference_from_tuned": largest_difference,
+            "tensors": entries,
+        }
+        utils.jdump(manifest, os.path.join(out, MANIFEST_NAME), indent=2)
+        save_config_and_tokenizer(path_tuned, out, torch.float32)
+    print(
+        f"wrote {path_diff}: {len(order)} tensors; naive sum of the recovered weights {manifest['naive_sum']:.4f}; "
+        f"largest difference between recovered and tuned weights {largest_difference:.3g}"
+    )
+
+
+@torch.inference_mode()
+def recover(
+    path_raw: str,
+    path_diff: str,
+    path_tuned: str | None = None,
+    device: str = "cpu",
+    test_inference: bool = True,
+    check_integrity_naively: bool = True,
+    expected_sum: float | None = None,
+    output_dtype: str = "float32",
+    overwrite: bool = False,
+    max_shard_size_gb: float = 5.0,
+) -> None:
+    """Recover the tuned weights `raw + diff`, check them, and save them with the tokenizer.
+
+    Args:
+        path_raw: the base model directory (e.g. LLaMA-7B converted to Hugging Face format).
+        path_diff: the weight diff directory (e.g. the released Alpaca-7B diff).
+        path_tuned: where to save the recovered model; must not exist unless --overwrite True.
+            Without it the model is recovered into a temporary directory, checked, tried and
+            deleted.
+        device: where to run the test inference, "cpu" or "cuda". The arithmetic streams
+            through the CPU (it is bound by disk and memory speed, and IEEE float32 gives the
+            same bits on any device).
+        test_inference: generate a completion of an Alpaca prompt with the recovered model
+            (this loads the whole model into memory).
+        check_integrity_naively: compare the sum of all recovered weights with the expected
+            value: --expected_sum, else the diff's manifest, else Alpaca-7B's 50637.1836 for
+            an Alpaca-7B-shaped diff; the sum is printed either way.
+        expected_sum: the expected sum of all recovered weights for a model other than
+            Alpaca-7B.
+        output_dtype: dtype of the saved weights: float32 (as the original), bfloat16 or
+            float16. Checks are made on the float32 values before casting.
+        overwrite: replace an existing path_tuned (only once the new model is complete).
+        max_shard_size_gb: largest safetensors shard to write, in GB (10^9 bytes).
+    """
+    if output_dtype not in OUTPUT_DTYPES:
+        raise WeightDiffError(f"--output_dtype {output_dtype}: choose one of {', '.join(OUTPUT_DTYPES)}")
+    dtype = OUTPUT_DTYPES[output_dtype]
+    if path_tuned is not None:
+        check_target(path_tuned, overwrite, [path_raw, path_diff])
+    raw, diff = index_checkpoint(path_raw), index_checkpoint(path_diff)
+    names, padded = match_tensors(raw, diff, path_raw, path_diff)
+    order = model_order(path_diff, names)
+    manifest = read_manifest(path_diff) if os.path.exists(os.path.join(path_diff, MANIFEST_NAME)) else None
+    if manifest is not None:
+        check_manifest_layout(manifest, diff, names, path_diff)
+    shapes = [diff[name].shape for name in order]
+    buffer = reusable_buffer(shapes, torch.float32)
+    cast_buffer = reusable_buffer(shapes, dtype) if dtype != torch.float32 else None
+    with atomic_output_dir(path_tuned, overwrite) as out:
+        writer = ShardedSafetensorsWriter(out, {name: (diff[name].shape, dtype) for name in order}, int(max_shard_size_gb * 1e9))
+        sums = {}
+        for name in tqdm(order, desc="recover", unit="tensor"):
+            # raw + diff in one buffer, the diff added a block at a time: one tensor in memory.
+            # (The original computed diff + raw; float addition is commutative, bit for bit.)
+            recovered = shaped(buffer, diff[name].shape)
+            load_into(recovered, raw[name], name)
+            if name in padded:
+                init_new_rows_to_mean(recovered, 1)
+            add_stored(recovered, diff[name], name)
+            if manifest is not None and sha256_hex(recovered) != manifest["tensors"][name]["sha256"]:
+                raise WeightDiffError(
+                    f"recovered tensor {name} does not match {manifest['path']}: the raw model at "
+                    f"{path_raw} is not the one the diff was made from, or a file is corrupt"
+                )
+            sums[name] = recovered.sum()
+            writer.write(name, recovered if cast_buffer is None else shaped(cast_buffer, recovered.shape).copy_(recovered))
+        writer.close()
+        total = naive_sum(sums, order)
+        expected = expected_sum
+        if expected is None and manifest is not None:
+            expected = manifest["naive_sum"]
+        if expected is None and is_alpaca_7b(utils.jload(os.path.join(path_diff, "config.json"))):
+            expected = ALPACA_7B_SUM
+        print(f"naive integrity check: the sum of all recovered weights is {total:.4f}", end="")
+        if not check_integrity_naively or expected is None:
+            print(" (not checked: pass --expected_sum to check it)" if expected is None else " (not checked)")
+        elif abs(total - float(expected)) > NAIVE_SUM_ATOL:
+            print(", FAILED")
+            raise WeightDiffError(
+                f"naive integrity check failed: the recovered weights sum to {total:.4f}, expected "
+                f"{float(expected):.4f} (atol {NAIVE_SUM_ATOL}); a checkpoint file may be corrupt, "
+                f"or the raw model at {path_raw} is not the one the diff was made from"
+            )
+        else:
+            print(f", expected {float(expected):.4f}: ok")
+        save_config_and_tokenizer(path_diff, out, dtype)
+        if test_inference:
+            run_test_inference(out, device, dtype)
+    if path_tuned is not None:
+        print(f"wrote {path_tuned}: {len(order)} tensors in {output_dtype}")
+
+
+def verify(path_tuned: str, manifest: str) -> None:
+    """Check a saved model bit for bit against the manifest of the diff it was recovered from.
+
+    Args:
+        path_tuned: the recovered model directory (saved in float32).
+        manifest: the manifest file, or the diff directory holding weight_diff_manifest.json.
+    """
+    expected = read_manifest(manifest)
+    tensors = index_checkpoint(path_tuned)
+    names = {name for name in tensors if name in expected["tensors"] or not name.endswith(RECOMPUTED_BUFFER_SUFFIX)}
+    check_manifest_layout(expected, tensors, names, path_tuned)
+    buffer = reusable_buffer([tensors[name].shape for name in names], torch.float32)
+    for name in tqdm(sorted(names), desc="verify", unit="tensor"):
+        if tensors[name].dtype != torch.float32:
+            raise WeightDiffError(
+                f"{tensors[name].file}: tensor {name} is {tensors[name].dtype}, but the manifest holds "
+                "hashes of float32 values (recover checks them before casting to --output_dtype)"
+            )
+        tensor = shaped(buffer, tensors[name].shape)
+        load_into(tensor, tensors[name], name)
+        if sha256_hex(tensor) != expected["tensors"][name]["sha256"]:
+            raise WeightDiffError(f"{tensors[name].file}: tensor {name} does not match {expected['path']}")
+    print(f"{path_tuned}: all {len(names)} tensors match {expected['path']}")
+
+
+if __name__ == "__main__":
+    try:
+        fire.Fire({"make_diff": make_diff, "recover": recover, "verify": verify})
+    except WeightDiffError as error:
+        sys.exit(f"error: {error}")
