@@ -317,7 +317,10 @@ def interactive(model, tokenizer, max_new_tokens: int, **decoding) -> None:
 
 def read_instructions(path: str) -> list[dict]:
     """The `{instruction, input?}` records of a JSON or JSON Lines file, checked."""
-    records = jload(path)
+    try:
+        records = jload(path)
+    except (OSError, ValueError) as error:
+        raise UsageError(str(error)) from None
     if not isinstance(records, list):
         raise UsageError(f"{path}: expected a list of records, found {type(records).__name__}")
     for number, record in enumerate(records):
@@ -332,28 +335,32 @@ def record_key(record: dict) -> tuple[str, str]:
     return record["instruction"], record.get("input") or ""
 
 
-def run_batch(
-    model, tokenizer, input_file: str, output_file: str, generator: str, batch_size: int, max_new_tokens: int,
-    **decoding,
-) -> None:
-    """Respond to every record of `input_file`, writing `{instruction, input, output, generator}`
-    records (AlpacaEval's model_outputs.json shape, other fields kept) to `output_file` after each
-    batch. Records already in `output_file` are kept and not generated again."""
+def load_batch(input_file: str, output_file: str) -> tuple[list[dict], dict[int, dict]]:
+    """The records of `input_file`, and the responses already in `output_file` by record index
+    (matched by instruction and input, duplicates in order)."""
     records = read_instructions(input_file)
     done: dict[int, dict] = {}
     if os.path.exists(output_file):
-        previous = read_instructions(output_file)
-        # Match earlier outputs to input records by (instruction, input), duplicates in order.
         positions = collections.defaultdict(collections.deque)
         for index, record in enumerate(records):
             positions[record_key(record)].append(index)
-        for number, record in enumerate(previous):
+        for number, record in enumerate(read_instructions(output_file)):
             if not positions[record_key(record)] or not isinstance(record.get("output"), str):
                 raise UsageError(
                     f"{output_file}: record {number} is not a response to a record of {input_file}; "
                     "choose another --output_file"
                 )
             done[positions[record_key(record)].popleft()] = record
+    return records, done
+
+
+def run_batch(
+    model, tokenizer, records: list[dict], done: dict[int, dict], output_file: str, generator: str,
+    batch_size: int, max_new_tokens: int, **decoding,
+) -> None:
+    """Respond to every record not `done`, writing all responses as `{instruction, input, output,
+    generator}` records (AlpacaEval's model_outputs.json shape, other fields kept) in input order
+    to `output_file` after each batch."""
     todo = [index for index in range(len(records)) if index not in done]
     # Longest prompts first: similar lengths share a batch (less padding), and a batch too big
     # for memory fails at once rather than at the end.
@@ -366,12 +373,10 @@ def run_batch(
             completions = complete_batch(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens, **decoding)
             for index, completion in zip(chunk, completions):
                 record = records[index]
-                done[index] = {**record, "instruction": record["instruction"], "input": record.get("input") or "",
-                               "output": completion.text.strip(), "generator": generator}
+                done[index] = {**record, "input": record.get("input") or "", "output": completion.text.strip(),
+                               "generator": generator}
             jdump([done[index] for index in sorted(done)], output_file)
             progress.update(len(chunk))
-    if not todo:
-        jdump([done[index] for index in sorted(done)], output_file)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -672,7 +677,10 @@ class RequestHandler(BaseHTTPRequestHandler):
 def run_server(model, tokenizer, model_id: str, host: str, port: int, max_new_tokens: int, batch_size: int,
                defaults: dict) -> None:
     """Serve until interrupted; `defaults` are the decoding flags requests may override."""
-    server = InferenceServer((host, port), model, tokenizer, model_id, max_new_tokens, batch_size, defaults)
+    try:
+        server = InferenceServer((host, port), model, tokenizer, model_id, max_new_tokens, batch_size, defaults)
+    except OSError as error:
+        raise UsageError(f"cannot listen on {host}:{port}: {error}") from None
     print(f"serving {model_id} on http://{host}:{server.server_port}/ (OpenAI API at "
           f"http://{host}:{server.server_port}/v1)", file=sys.stderr, flush=True)
     try:
@@ -741,6 +749,8 @@ def main(
         raise UsageError("use either --instruction or --input_file")
     if input is not None and instruction is None:
         raise UsageError("--input needs --instruction")
+    if input_file is not None:  # a bad file is reported before the model loads
+        records, done = load_batch(input_file, output_file)
     if seed is not None:
         transformers.set_seed(seed)
     model, tokenizer = load_model(model_name_or_path, lora_weights, dtype)
@@ -751,7 +761,8 @@ def main(
                         repetition_penalty=repetition_penalty)
         run_server(model, tokenizer, name, host, port, max_new_tokens, batch_size, defaults)
     elif input_file is not None:
-        run_batch(model, tokenizer, input_file, output_file, generator or name, batch_size, max_new_tokens, **decoding)
+        run_batch(model, tokenizer, records, done, output_file, generator or name, batch_size, max_new_tokens,
+                  **decoding)
     elif instruction is not None:
         print_response(model, tokenizer, str(instruction), None if input is None else str(input), max_new_tokens,
                        **decoding)
