@@ -50,26 +50,15 @@ def jload(path: str) -> Any:
 
 
 def jdump(obj: Any, path: str, indent: int = 4) -> None:
-    """Write `obj` as JSON atomically: a temporary file beside `path`, flushed and fsynced,
-    then renamed over it, so a crash at any moment leaves either the old or the new file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
-    try:
-        with io.open(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=indent, ensure_ascii=False, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    """Write `obj` as JSON atomically (see `write_text_atomically`)."""
+    write_text_atomically(json.dumps(obj, indent=indent, ensure_ascii=False, default=str), path)
 
 
 def write_text_atomically(text: str, path: str) -> None:
-    """Write `text` to `path` with jdump's guarantee (temporary file beside it, flushed and
-    fsynced, renamed over it), for callers that build the JSON text themselves."""
+    """Write `text` to `path` through a temporary file beside it, flushed, fsynced and renamed
+    over it, so a crash at any moment leaves either the old file or the new one."""
     directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
     fd, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
     try:
         with io.open(fd, "w", encoding="utf-8") as f:
