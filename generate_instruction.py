@@ -22,7 +22,6 @@ import random
 import re
 import string
 import sys
-import textwrap
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -214,13 +213,19 @@ class Endpoint:
         self._lock = threading.Lock()
 
     def complete(self, prompts: list[str]) -> Completion:
-        """Completions for all prompts, retrying what can be retried."""
+        """Completions for all prompts, retrying what can be retried. Where each prompt is its
+        own request (chat), each is retried on its own so that answered prompts are not paid twice."""
+        if self.style == "chat" or self.one_prompt_per_call:
+            return _concatenate([self._complete_with_retries([prompt]) for prompt in prompts])
+        return self._complete_with_retries(prompts)
+
+    def _complete_with_retries(self, prompts: list[str]) -> Completion:
         retries = 0
         while True:
             max_tokens = self.max_tokens
             try:
                 completion = self._call(prompts, max_tokens)
-                completion.retries = retries
+                completion.retries += retries
                 return completion
             except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
                 raise StopGeneration(f"{self.where} refused the request ({e.status_code}): {_message(e)}") from None
@@ -335,6 +340,7 @@ def _concatenate(parts: list[Completion]) -> Completion:
         [choice for part in parts for choice in part.choices],
         sum(part.prompt_tokens for part in parts),
         sum(part.completion_tokens for part in parts),
+        sum(part.retries for part in parts),
     )
 
 
@@ -376,7 +382,8 @@ def load_machine_instructions(path: str) -> list[dict]:
 def item_json(item: dict) -> str:
     """One kept task as it appears inside regen.json (the layout utils.jdump writes). Kept per
     item so that a save writes the file without encoding every earlier item again."""
-    return textwrap.indent(json.dumps(item, indent=4, ensure_ascii=False, default=str), "    ")
+    # JSON strings escape their newlines, so every newline here is a line of the layout.
+    return "    " + json.dumps(item, indent=4, ensure_ascii=False, default=str).replace("\n", "\n    ")
 
 
 def save_regen(item_texts: list[str], path: str) -> None:
@@ -550,6 +557,8 @@ def generate_instruction_following_data(
     in_flight: collections.deque[Future] = collections.deque()
     next_batch = batches_done
     consecutive_failures = 0
+    summary_written = time.monotonic()
+    status = "interrupted"
     try:
         while len(machine_instruction_data) < num_instructions_to_generate:
             while len(in_flight) < max_concurrency:
@@ -558,12 +567,14 @@ def generate_instruction_following_data(
             # Results are folded in request order, whatever order they arrive in.
             try:
                 completion = in_flight.popleft().result()
+                kept_before = len(item_texts)
                 if keep_novel_tasks(completion):
                     consecutive_failures = 0
                 else:
                     consecutive_failures += 1
                     last_error = "the completions held no usable task"
-                save_regen(item_texts, regen_path)
+                if len(item_texts) > kept_before:
+                    save_regen(item_texts, regen_path)
             except RequestFailed as e:
                 counts[e.kind] += 1
                 consecutive_failures += 1
@@ -571,14 +582,19 @@ def generate_instruction_following_data(
                 tqdm.tqdm.write(f"request failed: {e}")
             batches_done += 1
             counts["requests"] += 1
-            write_summary("running")
             shown = {k.removeprefix("dropped_"): v for k, v in counts.items() if k.startswith("dropped_") or k in ("generated", "failed_requests")}
             progress.set_postfix(shown, refresh=False)
             if consecutive_failures >= max_consecutive_failures:
                 raise StopGeneration(f"{consecutive_failures} requests in a row failed or gave nothing usable; last: {last_error}")
-        write_summary("complete")
+            # The summary is accounting only: once a second is enough. After a crash it may lag,
+            # and the resumed run sends those requests' prompts again; their tasks are duplicates
+            # of kept ones and are dropped.
+            if time.monotonic() - summary_written >= 1.0:
+                write_summary("running")
+                summary_written = time.monotonic()
+        status = "complete"
     except StopGeneration as e:
-        write_summary(f"stopped: {e}")
+        status = f"stopped: {e}"
         raise
     finally:
         # Requests still in flight are abandoned; closing the client ends them at once.
@@ -586,6 +602,7 @@ def generate_instruction_following_data(
         executor.shutdown(wait=False, cancel_futures=True)
         endpoint.client.close()
         progress.close()
+        write_summary(status)
     return machine_instruction_data
 
 

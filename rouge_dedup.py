@@ -9,6 +9,7 @@ candidates at once in `process.cdist`) counts common words. The F-measure is the
 rouge_score's float formula, operation for operation, so every score is bit-identical to
 `rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)` and every keep/drop decision is the same.
 """
+import collections
 import re
 from collections.abc import Iterable, Sequence
 
@@ -62,6 +63,8 @@ class RougeLIndex:
         self._vocabulary: dict[str, int] = {}
         self._encoded: list[str] = []
         self._lengths = np.zeros(64, dtype=np.int64)  # grown by doubling; the first len(self) are valid
+        instructions = list(instructions)
+        self._register_words(instructions)
         for instruction in instructions:
             self.add(instruction)
 
@@ -72,6 +75,13 @@ class RougeLIndex:
     def lengths(self) -> np.ndarray:
         """Token counts of the indexed instructions (a view; do not modify)."""
         return self._lengths[: len(self)]
+
+    def _register_words(self, instructions: Sequence[str]) -> None:
+        """Give new words ids, most frequent first: rapidfuzz looks up characters below 256 in a
+        table and others in a hash map, so frequent words with small ids make the LCS faster."""
+        frequencies = collections.Counter(token for instruction in instructions for token in rouge_tokenize(instruction))
+        for token, _ in frequencies.most_common():
+            self._vocabulary.setdefault(token, len(self._vocabulary))
 
     def encode(self, instruction: str) -> str:
         """The instruction as a string with one character per rouge token (new words get new ids)."""
@@ -146,6 +156,7 @@ class RougeLIndex:
         against everything indexed and every earlier kept one), returning keep flags. Only the
         decisions are computed, which lets the length bound skip every pair whose token counts
         cannot reach the threshold."""
+        self._register_words(instructions)
         keep: list[bool] = []
         for start in range(0, len(instructions), chunk_size):
             chunk = list(instructions[start : start + chunk_size])

@@ -224,9 +224,14 @@ def test_chat_only_endpoint_is_detected_in_auto_style(files, tmp_path):
     assert summary_of(tmp_path / "out")["api_style"] == "chat"
 
 
-def test_explicit_chat_style(server, files, tmp_path):
+def test_explicit_chat_style_retries_each_prompt_on_its_own(server, files, tmp_path):
+    server.inject("server_error")
     kept = generate(server, files, tmp_path / "out", api_style="chat", num_instructions_to_generate=20)
     assert len(kept) >= 20 and {r["path"] for r in server.requests} == {"/v1/chat/completions"}
+    # One request of two prompts: the failed first prompt is sent again, the second only once.
+    first, retry, second = (r["body"]["messages"][0]["content"] for r in server.requests)
+    assert first == retry != second
+    assert summary_of(tmp_path / "out")["counts"]["retries"] == 1
 
 
 def test_server_taking_one_prompt_per_request(files, tmp_path):
