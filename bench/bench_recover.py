@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import train  # noqa: E402
 import weight_diff  # noqa: E402
 
 VOCAB_SIZE = 32000
@@ -112,10 +113,7 @@ def recover_baseline(path_raw: str, path_diff: str, path_tuned: str) -> None:
     model_recovered = transformers.AutoModelForCausalLM.from_pretrained(path_diff, **load)
     tokenizer_raw = transformers.AutoTokenizer.from_pretrained(path_raw)
     if tokenizer_raw.pad_token is None:
-        added = tokenizer_raw.add_special_tokens({"pad_token": weight_diff.PAD_TOKEN})
-        model_raw.resize_token_embeddings(len(tokenizer_raw))
-        for embeddings in (model_raw.get_input_embeddings().weight.data, model_raw.get_output_embeddings().weight.data):
-            embeddings[-added:] = embeddings[:-added].mean(dim=0, keepdim=True)
+        train.smart_tokenizer_and_embedding_resize({"pad_token": weight_diff.PAD_TOKEN}, tokenizer_raw, model_raw)
     tokenizer_recovered = transformers.AutoTokenizer.from_pretrained(path_diff)
     state_dict_recovered = model_recovered.state_dict()
     state_dict_raw = model_raw.state_dict()
