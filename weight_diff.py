@@ -11,8 +11,8 @@ rows, for the `[PAD]` token that fine-tuning added; the diff's extra row says th
 
 How it is done differs from the original:
 - streaming: one tensor at a time from (sharded) safetensors or `.bin` checkpoints, written
-  straight into sharded safetensors, so memory stays at a few times the largest tensor
-  whatever the model size (the original holds two float32 models: about 54 GB for 7B);
+  straight into sharded safetensors, so memory stays at about the largest tensor whatever
+  the model size (the original holds two float32 models: about 54 GB for 7B);
 - safe: `.bin` files are unpickled with `weights_only=True`, which rebuilds tensors and plain
   containers only; a file that needs anything else is refused, never executed;
 - exact: make_diff writes a manifest with the sha256 of every tensor as recover will compute
@@ -78,7 +78,7 @@ class TensorInfo:
     file: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-    offset: int | None = None  # where its bytes start in a safetensors file
+    offset: int | None = None  # where its bytes start in a safetensors file (None: a .bin)
 
 
 def index_checkpoint(directory: str) -> dict[str, TensorInfo]:
@@ -316,11 +316,16 @@ class ShardedSafetensorsWriter:
             self.file.close()
             self.file = None
 
-    def close(self) -> None:
-        """Finish the last shard and, when there are several, write the index json."""
+    def __enter__(self) -> "ShardedSafetensorsWriter":
+        return self
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        """Close the open shard; after success, check all was written and write the index."""
+        self.finish_file()
+        if error_type is not None:
+            return
         if self.written != len(self.order):
             raise RuntimeError(f"{len(self.order) - self.written} planned tensors were never written")
-        self.finish_file()
         if len(self.shards) > 1:
             weight_map = {name: self.file_names[self.shard_of[name]] for name in self.order}
             total_size = sum(self.nbytes(name) for name in self.order)
@@ -363,7 +368,7 @@ def match_tensors(
     grown = {name for name in names if other[name].shape[1:] == raw[name].shape[1:] and other[name].shape[:1] == (raw[name].shape[0] + 1,)}
     # Only look at the tokenizer when some matrix is one row longer: it is the [PAD] row
     # exactly when the raw tokenizer has no pad token (the original's rule).
-    pad_rows_expected = bool(grown) and transformers.AutoTokenizer.from_pretrained(path_raw).pad_token is None
+    pad_rows_expected = bool(grown) and load_tokenizer(path_raw).pad_token is None
     for name in sorted(names):
         if raw[name].shape == other[name].shape or (pad_rows_expected and name in grown):
             continue
@@ -374,11 +379,21 @@ def match_tensors(
     return names, grown if pad_rows_expected else set()
 
 
+def load_tokenizer(directory: str) -> transformers.PreTrainedTokenizerBase:
+    try:
+        return transformers.AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as e:
+        raise WeightDiffError(f"{directory}: cannot load its tokenizer ({e})") from None
+
+
 def model_order(config_dir: str, names: set[str]) -> list[str]:
     """`names` in the order of the model's state_dict, which the original iterated: the naive
     integrity sum adds float32 values in this order. Tensors the model does not declare (old
     rotary buffers) come last."""
-    config = transformers.AutoConfig.from_pretrained(config_dir)
+    try:
+        config = transformers.AutoConfig.from_pretrained(config_dir)
+    except (OSError, ValueError) as e:
+        raise WeightDiffError(f"{config_dir}: cannot load its config.json ({e})") from None
     with torch.device("meta"):  # builds the module tree without allocating any weight
         model = transformers.AutoModelForCausalLM.from_config(config)
     declared = [name for name in model.state_dict() if name in names]
@@ -393,6 +408,31 @@ def naive_sum(sums: dict[str, torch.Tensor], order: list[str]) -> float:
     """The original's naive integrity value: the float32 sum, in state_dict order, of the
     sums of all recovered tensors."""
     return float(sum(sums[name] for name in order))
+
+
+def expected_naive_sum(expected_sum: float | None, manifest: dict | None, path_diff: str) -> float | None:
+    """--expected_sum, else the manifest's value, else Alpaca-7B's for an Alpaca-7B diff."""
+    if expected_sum is not None:
+        return float(expected_sum)
+    if manifest is not None:
+        return manifest["naive_sum"]
+    return ALPACA_7B_SUM if is_alpaca_7b(utils.jload(os.path.join(path_diff, "config.json"))) else None
+
+
+def check_naive_sum(total: float, expected: float | None, path_raw: str) -> None:
+    """Print the naive integrity value, and fail when it is off the expected one."""
+    print(f"naive integrity check: the sum of all recovered weights is {total:.4f}", end="")
+    if expected is None:
+        print(" (not checked: pass --expected_sum to check it)")
+        return
+    if abs(total - expected) > NAIVE_SUM_ATOL:
+        print(", FAILED")
+        raise WeightDiffError(
+            f"naive integrity check failed: the recovered weights sum to {total:.4f}, expected "
+            f"{expected:.4f} (atol {NAIVE_SUM_ATOL}); a checkpoint file may be corrupt, or the "
+            f"raw model at {path_raw} is not the one the diff was made from"
+        )
+    print(f", expected {expected:.4f}: ok")
 
 
 def is_alpaca_7b(config: dict) -> bool:
@@ -466,8 +506,15 @@ def atomic_output_dir(target: str | None, overwrite: bool) -> Iterator[str]:
                 raise WeightDiffError(f"{target} appeared while writing; pass --overwrite True to replace it")
             retired = staging + ".old"
             os.rename(target, retired)
-            os.rename(staging, target)
-            shutil.rmtree(retired) if os.path.isdir(retired) else os.remove(retired)
+            try:
+                os.rename(staging, target)
+            except OSError:
+                os.rename(retired, target)
+                raise
+            if os.path.isdir(retired):
+                shutil.rmtree(retired)
+            else:
+                os.remove(retired)
         else:
             os.rename(staging, target)
     except BaseException:
@@ -490,7 +537,7 @@ def save_config_and_tokenizer(source_dir: str, target_dir: str, dtype: torch.dty
     generation_config = os.path.join(source_dir, "generation_config.json")
     if os.path.exists(generation_config):
         shutil.copyfile(generation_config, os.path.join(target_dir, "generation_config.json"))
-    transformers.AutoTokenizer.from_pretrained(source_dir).save_pretrained(target_dir)
+    load_tokenizer(source_dir).save_pretrained(target_dir)
 
 
 def run_test_inference(model_dir: str, device: str, dtype: torch.dtype) -> str:
@@ -543,9 +590,9 @@ def make_diff(
     shapes = [tuned[name].shape for name in order]
     raw_buffer, tuned_buffer, diff_buffer = (reusable_buffer(shapes, torch.float32) for _ in range(3))
     with atomic_output_dir(path_diff, overwrite) as out:
-        writer = ShardedSafetensorsWriter(out, {name: (tuned[name].shape, torch.float32) for name in order}, int(max_shard_size_gb * 1e9))
+        layout = {name: (tuned[name].shape, torch.float32) for name in order}
         entries, sums, largest_difference = {}, {}, 0.0
-        with one_torch_thread():
+        with ShardedSafetensorsWriter(out, layout, int(max_shard_size_gb * 1e9)) as writer, one_torch_thread():
             for name in tqdm(order, desc="make_diff", unit="tensor"):
                 raw_tensor, tuned_tensor, diff = (shaped(b, tuned[name].shape) for b in (raw_buffer, tuned_buffer, diff_buffer))
                 load_into(raw_tensor, raw[name], name)
@@ -560,7 +607,6 @@ def make_diff(
                 entries[name] = {"shape": list(recovered.shape), "sha256": sha256_hex(recovered)}
                 sums[name] = recovered.sum()
                 largest_difference = max(largest_difference, tuned_tensor.sub_(recovered).abs_().max().item())
-        writer.close()
         manifest = {
             "about": "sha256 of every float32 tensor as `weight_diff.py recover` computes it (raw + diff)",
             "dtype": "float32",
@@ -628,9 +674,9 @@ def recover(
     buffer = reusable_buffer(shapes, torch.float32)
     cast_buffer = reusable_buffer(shapes, dtype) if dtype != torch.float32 else None
     with atomic_output_dir(path_tuned, overwrite) as out:
-        writer = ShardedSafetensorsWriter(out, {name: (diff[name].shape, dtype) for name in order}, int(max_shard_size_gb * 1e9))
+        layout = {name: (diff[name].shape, dtype) for name in order}
         sums = {}
-        with one_torch_thread():
+        with ShardedSafetensorsWriter(out, layout, int(max_shard_size_gb * 1e9)) as writer, one_torch_thread():
             for name in tqdm(order, desc="recover", unit="tensor"):
                 # raw + diff in one buffer, the diff added a block at a time: one tensor in memory.
                 # (The original computed diff + raw; float addition is commutative, bit for bit.)
@@ -646,25 +692,8 @@ def recover(
                     )
                 sums[name] = recovered.sum()
                 writer.write(name, recovered if cast_buffer is None else shaped(cast_buffer, recovered.shape).copy_(recovered))
-        writer.close()
-        total = naive_sum(sums, order)
-        expected = expected_sum
-        if expected is None and manifest is not None:
-            expected = manifest["naive_sum"]
-        if expected is None and is_alpaca_7b(utils.jload(os.path.join(path_diff, "config.json"))):
-            expected = ALPACA_7B_SUM
-        print(f"naive integrity check: the sum of all recovered weights is {total:.4f}", end="")
-        if not check_integrity_naively or expected is None:
-            print(" (not checked: pass --expected_sum to check it)" if expected is None else " (not checked)")
-        elif abs(total - float(expected)) > NAIVE_SUM_ATOL:
-            print(", FAILED")
-            raise WeightDiffError(
-                f"naive integrity check failed: the recovered weights sum to {total:.4f}, expected "
-                f"{float(expected):.4f} (atol {NAIVE_SUM_ATOL}); a checkpoint file may be corrupt, "
-                f"or the raw model at {path_raw} is not the one the diff was made from"
-            )
-        else:
-            print(f", expected {float(expected):.4f}: ok")
+        expected = expected_naive_sum(expected_sum, manifest, path_diff) if check_integrity_naively else None
+        check_naive_sum(naive_sum(sums, order), expected, path_raw)
         save_config_and_tokenizer(path_diff, out, dtype)
         if test_inference:
             run_test_inference(out, device, dtype)
