@@ -650,8 +650,8 @@ def recover(
         test_inference: generate a completion of an Alpaca prompt with the recovered model
             (this loads the whole model into memory).
         check_integrity_naively: compare the sum of all recovered weights with the expected
-            value: --expected_sum, else the diff's manifest, else Alpaca-7B's 50637.1836 for
-            an Alpaca-7B-shaped diff; the sum is printed either way.
+            one (--expected_sum, else the diff's manifest, else 50637.1836 for an Alpaca-7B
+            diff, as the original); the sum is printed either way.
         expected_sum: the expected sum of all recovered weights for a model other than
             Alpaca-7B.
         output_dtype: dtype of the saved weights: float32 (as the original), bfloat16 or
