@@ -22,6 +22,12 @@ PROMPT_DICT = {
 }
 
 
+# The mode open() would give a new file under this process's umask (read once: os.umask sets it).
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_NEW_FILE_MODE = 0o666 & ~_UMASK
+
+
 def format_prompt(instruction: str, input: str | None = None) -> str:
     """The Alpaca prompt for one example; an empty or absent input uses the no-input template."""
     if input:
@@ -65,6 +71,7 @@ def write_text_atomically(text: str, path: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(temporary, _NEW_FILE_MODE)  # mkstemp makes owner-only files; give the usual mode
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)

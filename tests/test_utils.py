@@ -45,6 +45,8 @@ def test_jdump_replaces_atomically_and_leaves_no_temporary(tmp_path):
     utils.jdump([1, 2], path)
     assert json.loads(path.read_text()) == [1, 2]
     assert os.listdir(tmp_path) == ["out.json"]
+    (tmp_path / "plain.json").write_text("[]")
+    assert path.stat().st_mode & 0o777 == (tmp_path / "plain.json").stat().st_mode & 0o777
 
 
 def test_jdump_keeps_the_old_file_when_serialisation_fails(tmp_path):
