@@ -368,7 +368,8 @@ def load_machine_instructions(path: str) -> list[dict]:
     if not os.path.exists(path):
         return []
     try:
-        data = json.load(open(path, encoding="utf-8"))
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e}); move it away to start a new run") from None
     if not isinstance(data, list):
@@ -394,7 +395,8 @@ def save_regen(item_texts: list[str], path: str) -> None:
 def load_summary(path: str) -> dict:
     """The counters of earlier runs on this output_dir, so that a resumed run adds to them."""
     try:
-        summary = json.load(open(path, encoding="utf-8"))
+        with open(path, encoding="utf-8") as f:
+            summary = json.load(f)
         return {"batches_done": int(summary["batches_done"]), "counts": collections.Counter(summary["counts"])}
     except (OSError, ValueError, KeyError, TypeError):
         return {"batches_done": 0, "counts": collections.Counter()}
@@ -448,7 +450,8 @@ def generate_instruction_following_data(
         api_style: "completions", "chat", or "auto" (completions, and chat when the endpoint
             has no completions API for the model).
         max_concurrency: Requests in flight at once. Results are used in request order, so with
-            a fixed --seed and a deterministic endpoint the output does not depend on it.
+            a fixed --seed and a deterministic endpoint the output does not depend on it (with
+            --num_machine_instructions 0: machine examples are those kept when a request is sent).
         seed: Seed for sampling the prompt examples (default: random).
         num_machine_instructions: How many of the num_prompt_instructions examples to sample from
             already kept tasks, as the Self-Instruct paper does (default 0, as the original).
@@ -608,7 +611,8 @@ def generate_instruction_following_data(
 
 def main() -> None:
     try:
-        fire.Fire({"generate_instruction_following_data": generate_instruction_following_data})
+        # The kept tasks are in regen.json: do not let fire print the returned list as well.
+        fire.Fire({"generate_instruction_following_data": generate_instruction_following_data}, serialize=lambda result: None)
     except (StopGeneration, ValueError, OSError) as e:
         sys.exit(f"generate_instruction: {e}")
 

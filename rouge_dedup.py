@@ -33,13 +33,21 @@ def rouge_l_fmeasure(lcs: np.ndarray, target_length: np.ndarray, prediction_leng
     precision = lcs / len(prediction), recall = lcs / len(target), F = 2*p*r / (p+r), and 0 when
     p + r is 0 or either side has no tokens. Same float64 operations in the same order, so the
     result is bit-identical to rouge_score's."""
-    lcs = np.asarray(lcs, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = lcs / prediction_length
-        recall = lcs / target_length
-        fmeasure = 2 * precision * recall / (precision + recall)
-    # A side without tokens gives 0/0 = nan above, and nan > 0 is False: F = 0 as in rouge_score.
-    return np.where(precision + recall > 0, fmeasure, 0.0)
+    shape = np.broadcast_shapes(np.shape(lcs), np.shape(target_length), np.shape(prediction_length))
+    lcs = np.array(np.broadcast_to(lcs, shape), dtype=np.float64)  # our own copy: the rest works in place
+    # Token counts as floats (exact; numpy divides float by float much faster). A side without
+    # tokens has an LCS of 0, so counting it as 1 token gives p = r = 0 and F = 0, as rouge_score.
+    target_length = np.maximum(np.asarray(target_length, dtype=np.float64), 1.0)
+    prediction_length = np.maximum(np.asarray(prediction_length, dtype=np.float64), 1.0)
+    precision = np.divide(lcs, prediction_length, out=np.empty(shape))
+    recall = np.divide(lcs, target_length, out=lcs)
+    total = np.add(precision, recall, out=np.empty(shape))
+    fmeasure = np.multiply(precision, 2, out=precision)  # 2 * p * r / (p + r), in rouge_score's order
+    fmeasure *= recall
+    # p + r is 0 only when the LCS is 0, and then so is 2*p*r: dividing by the smallest positive
+    # float instead gives F = 0, and leaves every positive p + r (at least 1/length) unchanged.
+    fmeasure /= np.maximum(total, np.finfo(np.float64).tiny, out=total)
+    return fmeasure
 
 
 def max_possible_fmeasure(length_a: np.ndarray, length_b: np.ndarray) -> np.ndarray:

@@ -396,6 +396,7 @@ def test_kill_9_at_random_points_then_resume(files, tmp_path):
         assert 0 < len(held) < 400
         finished = subprocess.run(cli(files, out, server.base_url, *target), cwd=ROOT, env=env, capture_output=True, text=True)
     assert finished.returncode == 0, finished.stderr
+    assert "Loaded 8 human-written seed instructions" in finished.stdout and '"instruction"' not in finished.stdout
     final = json.loads((out / "regen.json").read_text())
     assert final[: len(held)] == held
     assert len({item["instruction"] for item in final}) == len(final) >= 400
