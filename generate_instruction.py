@@ -237,7 +237,7 @@ class Endpoint:
                 raise RequestFailed(f"bad request: {_message(e)}") from None
             except (openai.APIConnectionError, openai.APIStatusError) as e:
                 if isinstance(e, openai.RateLimitError) and getattr(e, "code", None) == "insufficient_quota":
-                    raise StopGeneration(f"{self.where}: {_message(e)}") from None
+                    raise StopGeneration(f"{self.where}: quota exhausted: {_message(e)}") from None
                 status = getattr(e, "status_code", None)
                 transient = status is None or status in (408, 409, 429) or status >= 500
                 if not transient or retries >= self.max_retries:

@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 # kind -> what the next request gets
 FAILURES = {
-    "rate_limit": "429 with a Retry-After header (option retry_after, seconds)",
+    "rate_limit": "429 with a Retry-After header (option retry_after, seconds; quota=True: OpenAI's insufficient_quota)",
     "server_error": "500 with an OpenAI error body",
     "hang": "no answer for `seconds` (default 30), then the normal answer",
     "drop": "the connection is closed without an answer",
@@ -103,7 +103,7 @@ class OpenAIServer:
         self._lock = threading.Lock()
         self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     @property
     def base_url(self) -> str:
@@ -180,6 +180,8 @@ class OpenAIServer:
                     return
                 elif kind == "rate_limit":
                     retry_after = str(options.get("retry_after", 1))
+                    if options.get("quota"):
+                        return self._send(429, _error("You exceeded your current quota.", "insufficient_quota", "insufficient_quota"))
                     return self._send(429, _error("Rate limit reached.", "requests", "rate_limit_exceeded"), {"Retry-After": retry_after})
                 elif kind == "server_error":
                     return self._send(500, _error("The server had an error while processing your request.", "server_error", None))

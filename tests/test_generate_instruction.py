@@ -254,10 +254,21 @@ def test_same_output_for_any_concurrency(files, tmp_path):
 
 def test_resume_continues_where_it_stopped(server, files, tmp_path):
     generate(server, files, tmp_path / "once", num_instructions_to_generate=80)
+    sent_once = len(server.requests)
     first = generate(server, files, tmp_path / "twice", num_instructions_to_generate=40)
     second = generate(server, files, tmp_path / "twice", num_instructions_to_generate=80)
     assert second[: len(first)] == first
     assert (tmp_path / "twice" / "regen.json").read_bytes() == (tmp_path / "once" / "regen.json").read_bytes()
+    counts = summary_of(tmp_path / "twice")["counts"]  # added up over both runs
+    assert counts["requests"] == len(server.requests) - sent_once and counts["kept"] == len(second)
+
+
+def test_local_server_needs_no_key(server, files, tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY")
+    generate(server, files, tmp_path / "out", num_instructions_to_generate=1)
+    assert server.requests[0]["authorization"] == "Bearer EMPTY"
+    with pytest.raises(StopGeneration, match="OPENAI_API_KEY is not set"):
+        generate(server, files, tmp_path / "out", api_base=None)
 
 
 def test_machine_instructions_in_prompts(server, files, tmp_path):
@@ -333,6 +344,13 @@ def test_authentication_error_stops_at_once(files, tmp_path):
             generate(server, files, out, max_retries=5)
     assert len(server.requests) == 1 and json.loads((out / "regen.json").read_text()) == []
     assert summary_of(out)["status"].startswith("stopped: ")
+
+
+def test_exhausted_quota_stops_at_once(server, files, tmp_path):
+    server.inject("rate_limit", quota=True)
+    with pytest.raises(StopGeneration, match="quota exhausted: You exceeded your current quota"):
+        generate(server, files, tmp_path / "out")
+    assert len(server.requests) == 1
 
 
 def test_unknown_model_stops_at_once(server, files, tmp_path):
