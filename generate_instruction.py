@@ -24,7 +24,7 @@ import string
 import sys
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 import fire
 import numpy as np
@@ -321,6 +321,21 @@ class Endpoint:
         return min(60.0, self.retry_base_delay * 2**retries) * random.uniform(0.5, 1.0)
 
 
+def send_in_background(endpoint: Endpoint, prompts: list[str]) -> Future:
+    """Run endpoint.complete(prompts) in a daemon thread. A thread pool's threads would be joined
+    at exit, keeping the process alive until every abandoned request had answered."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(endpoint.complete(prompts))
+        except BaseException as e:
+            future.set_exception(e)
+
+    threading.Thread(target=run, daemon=True).start()
+    return future
+
+
 @contextlib.contextmanager
 def _malformed_is_failure():
     """An answer that is not the JSON we expect becomes a counted RequestFailed."""
@@ -490,7 +505,8 @@ def generate_instruction_following_data(
     item_texts = [item_json(item) for item in machine_instruction_data]
     if machine_instruction_data:
         print(f"Loaded {len(machine_instruction_data)} machine-generated instructions")
-    summary = load_summary(summary_path)
+    # Without regen.json this is a new run, whatever an old summary says.
+    summary = load_summary(summary_path) if os.path.exists(regen_path) else load_summary("")
     counts = summary["counts"]
     index = RougeLIndex(
         [d["instruction"] for d in seed_instruction_data + machine_instruction_data],
@@ -556,7 +572,6 @@ def generate_instruction_following_data(
         utils.write_text_atomically(json.dumps(report, indent=4) + "\n", summary_path)
 
     progress = tqdm.tqdm(total=num_instructions_to_generate, initial=len(machine_instruction_data), desc="kept", unit="task")
-    executor = ThreadPoolExecutor(max_concurrency)
     in_flight: collections.deque[Future] = collections.deque()
     next_batch = batches_done
     consecutive_failures = 0
@@ -565,7 +580,7 @@ def generate_instruction_following_data(
     try:
         while len(machine_instruction_data) < num_instructions_to_generate:
             while len(in_flight) < max_concurrency:
-                in_flight.append(executor.submit(endpoint.complete, batch_prompts(next_batch)))
+                in_flight.append(send_in_background(endpoint, batch_prompts(next_batch)))
                 next_batch += 1
             # Results are folded in request order, whatever order they arrive in.
             try:
@@ -600,10 +615,9 @@ def generate_instruction_following_data(
         status = f"stopped: {e}"
         raise
     finally:
-        # Requests still in flight are abandoned; closing the client ends them at once.
+        # Requests still in flight are abandoned (their daemon threads do not hold up the exit);
+        # the stop event ends their retry waits.
         stop_event.set()
-        executor.shutdown(wait=False, cancel_futures=True)
-        endpoint.client.close()
         progress.close()
         write_summary(status)
     return machine_instruction_data

@@ -421,6 +421,25 @@ def test_kill_9_at_random_points_then_resume(files, tmp_path):
     assert (out / "regen.json").read_bytes() == (tmp_path / "reference" / "regen.json").read_bytes()
 
 
+def test_finished_run_exits_without_waiting_for_abandoned_requests(files, tmp_path):
+    with OpenAIServer() as server:
+        generate(server, files, tmp_path / "first", num_instructions_to_generate=1, request_batch_size=1, seed=7)
+        first_prompt = server.requests[0]["body"]["prompt"]
+
+    def writer_hanging_after_the_first_request(prompt, model):
+        if prompt != first_prompt:
+            time.sleep(30)
+        return self_instruct_writer(prompt, model)
+
+    env = dict(os.environ, OPENAI_API_KEY="test-key")
+    with OpenAIServer(writer=writer_hanging_after_the_first_request) as server:
+        started = time.monotonic()
+        command = cli(files, tmp_path / "out", server.base_url, "--num_instructions_to_generate", "1", "--max_concurrency", "2")
+        finished = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert finished.returncode == 0, finished.stderr
+        assert time.monotonic() - started < 15 and len(server.requests) == 2  # the second one still hangs
+
+
 def test_cli_reports_a_stopped_run_and_documents_its_flags(files, tmp_path):
     env = dict(os.environ, OPENAI_API_KEY="wrong-key")
     with OpenAIServer(api_key="right-key") as server:
