@@ -196,6 +196,9 @@ def test_full_run_keeps_novel_tasks_with_rouge_statistics(files, tmp_path):
     assert counts["requests"] == len(server.requests) == 2
     assert counts["dropped_similar"] == 4  # one near copy per prompt
     assert counts["generated"] == len(regen) + counts["dropped_similar"]
+    # Tasks 4..19 of every prompt arrive: the stop sequences did not fire on "$20." or "in 2020.".
+    assert counts["generated"] + counts.get("dropped_blacklisted_word", 0) == 4 * 16
+    assert sum(item["output"].endswith("It cost $20. It happened in 2020.") for item in regen) >= 15
     assert summary["cost"] == pytest.approx((counts["prompt_tokens"] * 0.5 + counts["completion_tokens"] * 2.0) / 1000)
     request = server.requests[0]
     assert request["authorization"] == "Bearer test-key"
@@ -261,6 +264,14 @@ def test_resume_continues_where_it_stopped(server, files, tmp_path):
     assert (tmp_path / "twice" / "regen.json").read_bytes() == (tmp_path / "once" / "regen.json").read_bytes()
     counts = summary_of(tmp_path / "twice")["counts"]  # added up over both runs
     assert counts["requests"] == len(server.requests) - sent_once and counts["kept"] == len(second)
+
+
+def test_new_run_ignores_an_old_summary(server, files, tmp_path):
+    generate(server, files, tmp_path / "out", num_instructions_to_generate=20)
+    (tmp_path / "out" / "regen.json").unlink()
+    generate(server, files, tmp_path / "out", num_instructions_to_generate=20)
+    assert summary_of(tmp_path / "out")["counts"]["requests"] == 1
+    assert server.requests[0]["body"] == server.requests[1]["body"]  # started again from request 0
 
 
 def test_local_server_needs_no_key(server, files, tmp_path, monkeypatch):
