@@ -376,15 +376,16 @@ def test_web_page_in_a_headless_browser(server, served_dir):
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService("/usr/bin/chromedriver"))
     try:
         driver.get(server + "/")
-        instruction = INSTRUCTIONS[0][0]
+        instruction, input = INSTRUCTIONS[3]
         driver.find_element(By.ID, "instruction").send_keys(instruction)
+        driver.find_element(By.ID, "input").send_keys(input)
         driver.find_element(By.ID, "temperature").clear()
         driver.find_element(By.ID, "temperature").send_keys("0")
         driver.find_element(By.ID, "generate").click()
         response = driver.find_element(By.ID, "response")
         WebDriverWait(driver, 60).until(lambda _: response.get_attribute("data-state") in ("done", "error"))
         assert response.get_attribute("data-state") == "done", response.text
-        expected = reference_response(served_dir, instruction, max_new_tokens=256)
+        expected = reference_response(served_dir, instruction, input, max_new_tokens=256)
         # The browser normalises the text it shows; compare what it shows with what it was sent.
         shown = driver.execute_script("return document.getElementById('response').textContent")
         assert shown and shown == expected
