@@ -114,7 +114,9 @@ class TextDecoder:
     def _added(self) -> str:
         before = self.tokenizer.decode(self.ids[self.start:self.done], skip_special_tokens=True)
         after = self.tokenizer.decode(self.ids[self.start:], skip_special_tokens=True)
-        return after[len(before):] if after.startswith(before) else ""
+        # `after` extends `before`, except with tokenizers whose clean-up rewrites text across
+        # tokens; then what differs is appended, so that no text is lost.
+        return after[len(os.path.commonprefix([before, after])):]
 
     def add(self, token: int) -> None:
         self.ids.append(token)
@@ -460,7 +462,8 @@ def get_field(body: dict, name: str, kind: type | tuple, default: Any, low: floa
         expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
         raise RequestError(f"'{name}' must be {expected}, got {json.dumps(value)[:100]}")
     if (low is not None and value < low) or (high is not None and value > high):
-        raise RequestError(f"'{name}' must be between {low} and {high}, got {value}")
+        bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise RequestError(f"'{name}' must be {bounds}, got {value}")
     return value
 
 
@@ -507,7 +510,9 @@ class RequestHandler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         if length is None:
             raise RequestError("a JSON body with a Content-Length header is required", HTTPStatus.LENGTH_REQUIRED)
-        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+        if not length.isdigit():
+            raise RequestError(f"invalid Content-Length: {length[:40]}")
+        if int(length) > MAX_BODY_BYTES:
             raise RequestError(f"the body must be at most {MAX_BODY_BYTES} bytes", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
         try:
             body = json.loads(self.rfile.read(int(length)))
