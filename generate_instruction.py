@@ -407,14 +407,18 @@ def save_regen(item_texts: list[str], path: str) -> None:
     utils.write_text_atomically("[\n" + ",\n".join(item_texts) + "\n]" if item_texts else "[]", path)
 
 
-def load_summary(path: str) -> dict:
-    """The counters of earlier runs on this output_dir, so that a resumed run adds to them."""
+def load_summary(path: str | None) -> dict:
+    """The counters of earlier runs on this output_dir, so that a resumed run adds to them (fresh
+    counters when `path` is None or unreadable)."""
+    fresh = {"batches_done": 0, "counts": collections.Counter()}
+    if path is None:
+        return fresh
     try:
         with open(path, encoding="utf-8") as f:
             summary = json.load(f)
         return {"batches_done": int(summary["batches_done"]), "counts": collections.Counter(summary["counts"])}
     except (OSError, ValueError, KeyError, TypeError):
-        return {"batches_done": 0, "counts": collections.Counter()}
+        return fresh
 
 
 # ----------------------------------------------------------------------------- the run
@@ -506,7 +510,7 @@ def generate_instruction_following_data(
     if machine_instruction_data:
         print(f"Loaded {len(machine_instruction_data)} machine-generated instructions")
     # Without regen.json this is a new run, whatever an old summary says.
-    summary = load_summary(summary_path) if os.path.exists(regen_path) else load_summary("")
+    summary = load_summary(summary_path if os.path.exists(regen_path) else None)
     counts = summary["counts"]
     index = RougeLIndex(
         [d["instruction"] for d in seed_instruction_data + machine_instruction_data],
@@ -605,8 +609,8 @@ def generate_instruction_following_data(
             if consecutive_failures >= max_consecutive_failures:
                 raise StopGeneration(f"{consecutive_failures} requests in a row failed or gave nothing usable; last: {last_error}")
             # The summary is accounting only: once a second is enough. After a crash it may lag,
-            # and the resumed run sends those requests' prompts again; their tasks are duplicates
-            # of kept ones and are dropped.
+            # and the resumed run repeats those requests (with a deterministic endpoint, their
+            # tasks duplicate kept ones and are dropped).
             if time.monotonic() - summary_written >= 1.0:
                 write_summary("running")
                 summary_written = time.monotonic()
