@@ -7,6 +7,8 @@ STAMP := $(VENV)/.installed
 # A CPU build of torch: on this project's machines `torch==2.13.0` resolves to a local CPU
 # wheel; an unpinned torch would pull a multi-GB CUDA build. Override on GPU nodes.
 TORCH_SPEC ?= torch==2.13.0
+# The embedded demo model and other downloads are cached here, shared by the demo and the tests.
+export ALPACA_CACHE ?= $(CURDIR)/.cache/alpaca
 
 .PHONY: setup test demo bench clean
 
@@ -17,6 +19,10 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
+	@# The web-page test drives a real headless Chromium (Debian packages).
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
+	  echo "note: install Debian's chromium and chromium-driver for the web-page test"
 	touch $(STAMP)
 
 test: setup
