@@ -3,6 +3,7 @@
 import collections
 import json
 import os
+import pathlib
 import random
 import re
 import subprocess
@@ -164,7 +165,8 @@ def test_stop_sequences_do_not_fire_inside_content():
 
 def test_bad_seed_file_names_the_record(files, tmp_path):
     path = tmp_path / "bad_seeds.jsonl"
-    path.write_text(open(files["seed_tasks_path"]).readline() + '{"instruction": "No instances here."}\n')
+    first_line = pathlib.Path(files["seed_tasks_path"]).read_text().splitlines()[0]
+    path.write_text(first_line + '\n{"instruction": "No instances here."}\n')
     with pytest.raises(ValueError, match=r"bad_seeds.jsonl: record 2: expected an object with 'instruction' and 'instances'"):
         generate_instruction.load_seed_tasks(str(path))
 

@@ -1,6 +1,5 @@
 """rouge_dedup.py gives rouge_score's ROUGE-L F-measures bit for bit, and the original generator's
 keep/drop decisions and statistics. Budget: about 15 s on 2 cores."""
-import json
 import random
 from functools import partial
 
@@ -8,6 +7,7 @@ import numpy as np
 import pytest
 from rouge_score import rouge_scorer, tokenize
 
+import utils
 from conftest import shared_file
 from rouge_dedup import RougeLIndex, max_possible_fmeasure, rouge_l_fmeasure, rouge_tokenize
 
@@ -59,12 +59,12 @@ def original_dedup(seeds: list[str], candidates: list[str], threshold: float = 0
 @pytest.fixture(scope="module")
 def seed_instructions() -> list[str]:
     path = shared_file("seed_tasks.jsonl")
-    return [json.loads(line)["instruction"] for line in open(path)]
+    return [record["instruction"] for record in utils.jload(str(path))]
 
 
 @pytest.fixture(scope="module")
 def alpaca_instructions() -> list[str]:
-    data = json.load(open(shared_file("alpaca_data.json")))
+    data = utils.jload(str(shared_file("alpaca_data.json")))
     return [d["instruction"] for d in random.Random(0).sample(data, 2000)]
 
 
