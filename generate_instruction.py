@@ -448,6 +448,7 @@ def generate_instruction_following_data(
     max_consecutive_failures: int = 10,
     price_per_1k_prompt_tokens: float | None = None,
     price_per_1k_completion_tokens: float | None = None,
+    max_requests: int | None = None,
 ) -> list[dict]:
     """Generate instruction-following tasks into output_dir/regen.json (resuming from it).
 
@@ -486,6 +487,8 @@ def generate_instruction_following_data(
             returned nothing usable.
         price_per_1k_prompt_tokens: Price of 1,000 prompt tokens, to report the cost.
         price_per_1k_completion_tokens: Price of 1,000 completion tokens, to report the cost.
+        max_requests: Stop after this many requests in this run even if fewer tasks were kept
+            (default: no limit), e.g. to try a new endpoint or prompt cheaply.
 
     Returns:
         All kept tasks (earlier runs' included).
@@ -494,6 +497,8 @@ def generate_instruction_following_data(
         raise ValueError(f"--api_style must be auto, completions or chat, not {api_style!r}")
     if not 0 <= num_machine_instructions <= num_prompt_instructions:
         raise ValueError("--num_machine_instructions must be between 0 and --num_prompt_instructions")
+    if max_requests is not None and max_requests < 1:
+        raise ValueError("--max_requests must be at least 1")
     if min(num_prompt_instructions, request_batch_size, max_concurrency, max_consecutive_failures) < 1:
         raise ValueError("--num_prompt_instructions, --request_batch_size, --max_concurrency and --max_consecutive_failures must be at least 1")
     seed_instruction_data = load_seed_tasks(seed_tasks_path)
@@ -578,12 +583,13 @@ def generate_instruction_following_data(
     progress = tqdm.tqdm(total=num_instructions_to_generate, initial=len(machine_instruction_data), desc="kept", unit="task")
     in_flight: collections.deque[Future] = collections.deque()
     next_batch = batches_done
+    request_limit = None if max_requests is None else batches_done + max_requests
     consecutive_failures = 0
     summary_written = time.monotonic()
     status = "interrupted"
     try:
-        while len(machine_instruction_data) < num_instructions_to_generate:
-            while len(in_flight) < max_concurrency:
+        while len(machine_instruction_data) < num_instructions_to_generate and batches_done != request_limit:
+            while len(in_flight) < max_concurrency and next_batch != request_limit:
                 in_flight.append(send_in_background(endpoint, batch_prompts(next_batch)))
                 next_batch += 1
             # Results are folded in request order, whatever order they arrive in.
@@ -614,7 +620,7 @@ def generate_instruction_following_data(
             if time.monotonic() - summary_written >= 1.0:
                 write_summary("running")
                 summary_written = time.monotonic()
-        status = "complete"
+        status = "complete" if len(machine_instruction_data) >= num_instructions_to_generate else "request limit reached"
     except StopGeneration as e:
         status = f"stopped: {e}"
         raise
@@ -623,6 +629,8 @@ def generate_instruction_following_data(
         # the stop event ends their retry waits.
         stop_event.set()
         progress.close()
+        if not os.path.exists(regen_path):
+            save_regen(item_texts, regen_path)  # the output exists even when nothing was kept
         write_summary(status)
     return machine_instruction_data
 

@@ -332,6 +332,17 @@ def test_malformed_and_empty_answers_are_counted(server, files, tmp_path):
     assert counts["malformed_responses"] == 2 and counts["empty_completions"] == 2 and counts["requests"] == 4
 
 
+def test_request_limit_ends_the_run_and_regen_json_exists_even_when_empty(server, files, tmp_path):
+    server.inject("empty", times=3)
+    kept = generate(server, files, tmp_path / "out", max_requests=3, max_concurrency=2)
+    summary = summary_of(tmp_path / "out")
+    assert kept == [] and summary["counts"]["requests"] == 3 and len(server.requests) == 3
+    assert summary["status"] == "request limit reached"
+    assert json.loads((tmp_path / "out" / "regen.json").read_text()) == []
+    generate(server, files, tmp_path / "out", max_requests=2)
+    assert summary_of(tmp_path / "out")["counts"]["requests"] == 5, "the limit counts this run's requests"
+
+
 def test_length_finish_drops_each_cut_off_task(server, files, tmp_path):
     server.inject("length")
     generate(server, files, tmp_path / "out", num_instructions_to_generate=1)
