@@ -692,6 +692,8 @@ def recover(
                     )
                 sums[name] = recovered.sum()
                 writer.write(name, recovered if cast_buffer is None else shaped(cast_buffer, recovered.shape).copy_(recovered))
+        if manifest is not None:
+            print(f"exact integrity check: all {len(order)} recovered tensors match {manifest['path']} (sha256)")
         expected = expected_naive_sum(expected_sum, manifest, path_diff) if check_integrity_naively else None
         check_naive_sum(naive_sum(sums, order), expected, path_raw)
         save_config_and_tokenizer(path_diff, out, dtype)

