@@ -12,10 +12,12 @@ import bisect
 import contextlib
 import json
 import os
+import pathlib
 import random
+import socket
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import transformers
@@ -109,6 +111,25 @@ class TrainingArguments(transformers.TrainingArguments):
     )
 
     def __post_init__(self):
+        self._map_old_flags()
+        on_cpu = self.use_cpu or not torch.accelerator.is_available()
+        if on_cpu:
+            self._adapt_to_cpu()
+        elif torch.cuda.is_available():
+            self._check_cuda_precision_flags()
+        if self.fsdp and "WORLD_SIZE" not in os.environ:
+            raise UsageError("--fsdp shards the model over several processes: launch with torchrun --nproc_per_node=N train.py ...")
+        if self.deepspeed and "RANK" not in os.environ:
+            _describe_single_process_job()
+        super().__post_init__()
+        if self.deepspeed and on_cpu:
+            # On CPU the Trainer starts torch.distributed (gloo) but not DeepSpeed's own
+            # communication layer, which ZeRO-3 needs before the model is built.
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend="gloo")
+
+    def _map_old_flags(self) -> None:
         if self.evaluation_strategy is not None:
             self.eval_strategy = self.evaluation_strategy
         if self.warmup_ratio is not None:
@@ -119,19 +140,13 @@ class TrainingArguments(transformers.TrainingArguments):
             self.train_sampling_strategy = "group_by_length"
         if self.fsdp_transformer_layer_cls_to_wrap:
             self.fsdp_config = _fsdp_config_with_layer_class(self.fsdp_config, self.fsdp_transformer_layer_cls_to_wrap)
-        if not _has_gpu():
-            self._adapt_to_cpu()
-        elif self.tf32 and not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8):
-            raise UsageError("--tf32 True needs an NVIDIA Ampere (or newer) GPU; this GPU has no TF32. Drop the flag.")
-        elif self.bf16 and not torch.cuda.is_bf16_supported():
-            raise UsageError("--bf16 True needs a GPU with bfloat16 support (Ampere or newer); use --fp16 True instead.")
-        super().__post_init__()
-        if self.deepspeed and not _has_gpu():
-            # On CPU the Trainer starts torch.distributed (gloo) but not DeepSpeed's own
-            # communication layer, which ZeRO-3 needs before the model is built.
-            import deepspeed
 
-            deepspeed.init_distributed(dist_backend="gloo")
+    def _check_cuda_precision_flags(self) -> None:
+        """One clear line instead of a stack trace for precision modes this GPU lacks."""
+        if self.tf32 and torch.cuda.get_device_capability()[0] < 8:
+            raise UsageError("--tf32 True needs an NVIDIA Ampere (or newer) GPU; this GPU has no TF32. Drop the flag.")
+        if self.bf16 and not torch.cuda.is_bf16_supported(including_emulation=False):
+            raise UsageError("--bf16 True needs a GPU with bfloat16 support (Ampere or newer); use --fp16 True instead.")
 
     def _adapt_to_cpu(self) -> None:
         """Run GPU command lines on a CPU-only machine: the Trainer needs use_cpu for gloo, and
@@ -144,12 +159,22 @@ class TrainingArguments(transformers.TrainingArguments):
             raise UsageError("--fp16 True needs a GPU; on CPU use --bf16 True or full precision.")
 
 
-def _has_gpu() -> bool:
-    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+def _describe_single_process_job() -> None:
+    """DeepSpeed expects the environment a launcher sets up and otherwise looks for MPI: for a
+    plain `python train.py --deepspeed ...`, describe a one-process job instead."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    for name, value in defaults.items():
+        os.environ.setdefault(name, value)
 
 
 def _fsdp_config_with_layer_class(fsdp_config: Any, layer_class: str) -> dict:
-    if isinstance(fsdp_config, str):
+    """--fsdp_config (a dict, a JSON file or inline JSON) with the layer class to wrap set."""
+    if isinstance(fsdp_config, str) and fsdp_config.lstrip().startswith("{"):
+        fsdp_config = json.loads(fsdp_config)
+    elif isinstance(fsdp_config, str):
         with open(fsdp_config, encoding="utf-8") as f:
             fsdp_config = json.load(f)
     config = dict(fsdp_config or {})
@@ -227,11 +252,11 @@ def preprocess(
     return examples, {"skipped": skipped, "cut": cut}
 
 
-def _run_on_main_process(fn, *args):
-    """Compute fn(*args) once on rank 0 and send the result to the other ranks."""
+def _run_on_main_process(fn: Callable[[], Any]) -> Any:
+    """Compute fn() once on rank 0 and send the result to the other ranks."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return fn(*args)
-    box = [fn(*args) if torch.distributed.get_rank() == 0 else None]
+        return fn()
+    box = [fn() if torch.distributed.get_rank() == 0 else None]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
 
@@ -279,11 +304,12 @@ def make_supervised_data_module(
         return examples, counts, len(records)
 
     examples, counts, num_records = _run_on_main_process(load_and_tokenize)
-    print(
-        f"{data_args.data_path}: {num_records} records -> {len(examples)} examples; "
-        f"skipped {counts['skipped']} whose prompt alone exceeds {training_args.model_max_length} tokens, "
-        f"cut {counts['cut']} long responses (no EOS)."
-    )
+    if training_args.process_index == 0:
+        print(
+            f"{data_args.data_path}: {num_records} records -> {len(examples)} examples; "
+            f"skipped {counts['skipped']} whose prompt alone exceeds {training_args.model_max_length} tokens, "
+            f"cut {counts['cut']} long responses (no EOS)."
+        )
     eval_dataset = None
     if data_args.val_set_size > 0:
         if data_args.val_set_size >= len(examples):
@@ -369,6 +395,26 @@ def check_fsdp_layer_classes(model: torch.nn.Module, training_args: TrainingArgu
         )
 
 
+def check_padding_free_support(model: transformers.PreTrainedModel) -> None:
+    """Refuse --padding_free for a model whose attention crosses packed examples: it must build
+    its attention mask from the restarting position ids, and some models (e.g. OPT) do not.
+    Two short sequences are compared packed and apart."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        return  # the parameters are partitioned: no forward pass outside the DeepSpeed engine
+    ids = torch.tensor([[3, 4, 5, 6], [7, 8, 9, 10]])
+    with torch.no_grad():
+        apart = model(input_ids=ids, use_cache=False).logits
+        packed = model(input_ids=ids.reshape(1, -1), position_ids=torch.arange(4).repeat(2)[None], use_cache=False)
+    difference = (packed.logits.reshape(apart.shape) - apart).abs().max()
+    if difference > 0.02 * apart.abs().max():  # far above rounding noise, even in bfloat16
+        raise UsageError(
+            f"--padding_free: {type(model).__name__} lets packed examples attend to each other "
+            "(its attention ignores the restarting position ids); train it without --padding_free"
+        )
+
+
 def add_lora(model: transformers.PreTrainedModel, training_args: TrainingArguments) -> torch.nn.Module:
     import peft
 
@@ -436,15 +482,27 @@ def _numel(param: torch.Tensor) -> tuple[int, int]:
 
 
 def last_checkpoint(training_args: TrainingArguments) -> str | None:
-    """The checkpoint to resume from: the one given, else the newest in the output directory."""
-    if training_args.resume_from_checkpoint:
-        return training_args.resume_from_checkpoint
-    if os.path.isdir(training_args.output_dir):
-        found = transformers.trainer_utils.get_last_checkpoint(training_args.output_dir)
-        if found:
-            print(f"Resuming from {found} (found in --output_dir).")
-        return found
-    return None
+    """The checkpoint to resume from: the one given by --resume_from_checkpoint, none for
+    `False`, else (or for `True`) the newest complete checkpoint in the output directory."""
+    given = training_args.resume_from_checkpoint
+    if given and given.lower() == "false":
+        return None
+    if given and given.lower() != "true":
+        return given
+    complete = []
+    for checkpoint in pathlib.Path(training_args.output_dir).glob("checkpoint-*"):
+        if not checkpoint.name.removeprefix("checkpoint-").isdigit():
+            continue
+        # trainer_state.json is written last: without it the run died while saving.
+        if (checkpoint / "trainer_state.json").exists():
+            complete.append(checkpoint)
+        else:
+            print(f"Skipping {checkpoint}: incomplete (the run stopped while saving it).")
+    if not complete:
+        return None
+    newest = max(complete, key=lambda c: int(c.name.removeprefix("checkpoint-")))
+    print(f"Resuming from {newest} (found in --output_dir; --resume_from_checkpoint False starts afresh).")
+    return str(newest)
 
 
 def train(argv: Sequence[str] | None = None) -> transformers.Trainer:
@@ -463,6 +521,8 @@ def train(argv: Sequence[str] | None = None) -> transformers.Trainer:
     )
     smart_tokenizer_and_embedding_resize(missing_special_tokens(tokenizer), tokenizer, model)
     model.config.pad_token_id = tokenizer.pad_token_id
+    if training_args.padding_free:
+        check_padding_free_support(model)
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if training_args.use_lora:
@@ -481,6 +541,10 @@ def train(argv: Sequence[str] | None = None) -> transformers.Trainer:
         merged_dir = os.path.join(training_args.output_dir, "merged")
         trainer.model.merge_and_unload().save_pretrained(merged_dir)
         tokenizer.save_pretrained(merged_dir)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Left to interpreter shutdown, the communication threads can abort the process.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return trainer
 
 

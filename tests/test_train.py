@@ -1,4 +1,5 @@
 """train.py on tiny LLaMA models built at test time: real Trainer steps, real torchrun."""
+import argparse
 import json
 import math
 import os
@@ -37,7 +38,7 @@ def data_file(tmp_path):
 def run_script(args, nproc=None, timeout=600, check=True):
     """Run train.py as users do: `python train.py ...` or `torchrun --nproc_per_node=N train.py ...`."""
     if nproc:
-        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}"]
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     else:
         launcher = [sys.executable]
     result = subprocess.run(
@@ -47,14 +48,6 @@ def run_script(args, nproc=None, timeout=600, check=True):
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
-
-
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def logged_losses(output_dir, key="loss"):
@@ -111,8 +104,12 @@ def test_torchrun_fsdp_with_the_original_readme_flags(tiny_llama_dir, data_file,
     assert held[0][0] < total and held[1][0] < total, held
     assert held[0][0] + held[1][0] == total, "the two FSDP shards together hold every value once"
     assert len(logged_losses(out)) == 2  # 8 examples / (2 per device * 2 ranks)
-    model = transformers.AutoModelForCausalLM.from_pretrained(out)
-    assert sum(p.numel() for p in model.parameters()) == total
+    saved = transformers.AutoModelForCausalLM.from_pretrained(out).state_dict()
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir).state_dict()
+    assert sum(t.numel() for t in saved.values()) == total
+    # The full state dict gathered on rank 0 is the trained model: near the base, not equal to it.
+    changes = [(saved[name][: base[name].shape[0]] - base[name]).abs().max().item() for name in base]
+    assert 0 < max(changes) < 1e-2, changes
 
 
 def test_torchrun_fsdp_cpu_offload(tiny_llama_dir, data_file, tmp_path):
@@ -154,6 +151,52 @@ def test_torchrun_deepspeed_zero3_offload_saves_a_reloadable_model(tiny_llama_di
     raw = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir).get_input_embeddings().weight
     assert reloaded.shape[0] == raw.shape[0] + 1
     torch.testing.assert_close(reloaded[-1], raw.mean(dim=0), rtol=1e-5, atol=1e-6)
+
+
+def test_padding_free_training_logs_the_padded_losses(tiny_llama_dir, data_file, tmp_path):
+    common = ["--model_name_or_path", tiny_llama_dir, "--data_path", data_file, "--max_steps", "2",
+              "--per_device_train_batch_size", "4", "--learning_rate", "0", "--logging_steps", "1", "--save_strategy", "no"]
+    run_script(common + ["--output_dir", tmp_path / "padded"])
+    run_script(common + ["--output_dir", tmp_path / "free", "--padding_free", "True"])
+    for padded, free in zip(logged_losses(tmp_path / "padded"), logged_losses(tmp_path / "free"), strict=True):
+        assert abs(padded - free) < 1e-5
+
+
+def test_padding_free_is_refused_for_a_model_whose_attention_crosses_examples(tmp_path, data_file):
+    from conftest import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer(tmp_path / "opt")
+    config = transformers.OPTConfig(vocab_size=len(tokenizer), hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                    num_attention_heads=4, word_embed_proj_dim=32, bos_token_id=1, eos_token_id=2, pad_token_id=None)
+    transformers.OPTForCausalLM(config).save_pretrained(tmp_path / "opt")
+    result = run_script(["--model_name_or_path", tmp_path / "opt", "--data_path", data_file, "--output_dir", tmp_path / "o",
+                         "--padding_free", "True"], check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "--padding_free: OPTForCausalLM lets packed examples attend to each other" in result.stderr
+
+
+def test_old_flag_spellings_map_to_todays_arguments(tmp_path):
+    parser = transformers.HfArgumentParser(train.TrainingArguments)
+    [args] = parser.parse_args_into_dataclasses([
+        "--output_dir", str(tmp_path), "--evaluation_strategy", "steps", "--warmup_ratio", "0.03", "--group_by_length", "True",
+    ])
+    assert args.eval_strategy == "steps" and args.warmup_steps == 0.03 and args.train_sampling_strategy == "group_by_length"
+
+
+def test_resume_picks_the_newest_complete_checkpoint(tmp_path, capsys):
+    for step, complete in ((5, True), (10, True), (15, False), (20, False)):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if complete:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    def resume(given, output_dir=tmp_path):
+        return train.last_checkpoint(argparse.Namespace(output_dir=str(output_dir), resume_from_checkpoint=given))
+
+    assert resume(None) == str(tmp_path / "checkpoint-10")
+    assert "Skipping" in capsys.readouterr().out
+    assert resume("True") == str(tmp_path / "checkpoint-10")
+    assert resume("False") is None
+    assert resume("/elsewhere/checkpoint-3") == "/elsewhere/checkpoint-3"
+    assert resume(None, output_dir=tmp_path / "new") is None
 
 
 def test_padding_free_group_by_length_and_validation_split(tiny_llama_dir, data_file, tmp_path):
@@ -405,10 +448,26 @@ def test_bad_data_and_wrong_layer_class_fail_with_one_clear_line(tiny_llama_dir,
     result = run_script([
         "--model_name_or_path", tiny_llama_dir, "--data_path", bad, "--output_dir", tmp_path / "o",
         "--fsdp", "full_shard auto_wrap", "--fsdp_transformer_layer_cls_to_wrap", "LLaMADecoderLayer",
-    ], check=False)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
+    ], nproc=1, check=False)
+    # (torchrun then adds its own report of the failed process)
+    assert result.returncode != 0 and "train.py: error: --fsdp_transformer_layer_cls_to_wrap" in result.stderr
     assert "LLaMADecoderLayer: LlamaForCausalLM has no such layer" in result.stderr
     assert "LlamaDecoderLayer" in result.stderr.split("decoder-layer classes are:")[1]
+
+
+def test_fsdp_without_torchrun_says_how_to_launch(tiny_llama_dir, data_file, tmp_path):
+    result = run_script(["--model_name_or_path", tiny_llama_dir, "--data_path", data_file, "--output_dir", tmp_path / "o",
+                         "--fsdp", "full_shard auto_wrap"], check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "launch with torchrun --nproc_per_node=N" in result.stderr
+
+
+def test_deepspeed_in_one_plain_process(tiny_llama_dir, data_file, tmp_path):
+    out = tmp_path / "out"
+    run_script(["--model_name_or_path", tiny_llama_dir, "--data_path", data_file, "--output_dir", out, "--max_steps", "1",
+                "--per_device_train_batch_size", "2", "--save_strategy", "no",
+                "--deepspeed", ROOT / "configs" / "default_offload_opt_param.json"])
+    logits(out)
 
 
 def test_help_explains_the_added_flags():
