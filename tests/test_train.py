@@ -298,6 +298,14 @@ def test_token_sequences_match_the_original_recipe_on_the_52k(llama_tokenizer_di
     assert 0.01 * len(fits) < straddling < 0.05 * len(fits), straddling
 
 
+def test_the_original_52k_loads_with_its_28_empty_outputs_reported(capsys):
+    path = str(shared_file("alpaca_data.json"))
+    with pytest.raises(train.UsageError, match=r"record 284: field 'output' is empty \(use --skip_invalid True"):
+        train.load_records(path, skip_invalid=False)
+    assert len(train.load_records(path, skip_invalid=True)) == 52002 - 28
+    assert "Dropped 28 invalid records of 52002" in capsys.readouterr().out
+
+
 def test_a_token_straddling_the_prompt_boundary_is_trained(llama_tokenizer_dir):
     tokenizer = transformers.AutoTokenizer.from_pretrained(llama_tokenizer_dir)
     tokenizer.add_special_tokens(train.missing_special_tokens(tokenizer))
