@@ -270,8 +270,12 @@ class Endpoint:
                 response = self.client.completions.create(
                     model=self.model_name, prompt=prompts if len(prompts) > 1 else prompts[0], max_tokens=max_tokens, n=1, **self.sampling
                 )
-                choices = sorted(response.choices, key=lambda choice: choice.index)
-                completion = Completion([(c.text or "", c.finish_reason) for c in choices], *_usage(response))
+                # llama.cpp's llama-server answers a list of prompts with a JSON array of
+                # completion objects, one per prompt, which the client returns as a list.
+                responses = response if isinstance(response, list) else [response]
+                choices = sorted((c for r in responses for c in r.choices), key=lambda choice: choice.index)
+                usages = [_usage(r) for r in responses]
+                completion = Completion([(c.text or "", c.finish_reason) for c in choices], *map(sum, zip(*usages)))
         except (openai.BadRequestError, openai.UnprocessableEntityError) as e:
             if len(prompts) == 1 or _is_context_length_error(e):
                 raise

@@ -13,7 +13,8 @@ by the OS) so that the real `openai` client talks to it over real sockets. Behav
   OpenAI's 404 `model_not_found`); `routes` can drop the completions or chat route (404, as for
   a chat-only model); `max_context` makes requests whose prompt plus `max_tokens` exceed it fail
   with OpenAI's context-length 400; `accepts_prompt_list=False` refuses a list of prompts (422,
-  as servers that take one prompt per request do).
+  as servers that take one prompt per request do); `prompt_list_as_array=True` answers a list of
+  prompts as llama.cpp's llama-server does: a JSON array of completion objects, one per prompt.
 - `inject(kind, times)` makes the next `times` requests fail in one of the ways of `FAILURES`.
 - Every request is recorded in `requests` (path, JSON body, authorization header, time).
 
@@ -87,6 +88,7 @@ class OpenAIServer:
         max_context: int | None = None,
         accepts_prompt_list: bool = True,
         chat_repeats_prefix: bool = True,
+        prompt_list_as_array: bool = False,
     ):
         self.writer = writer
         self.latency = latency
@@ -98,6 +100,7 @@ class OpenAIServer:
         self.accepts_prompt_list = accepts_prompt_list
         # Chat models tend to restate "N. Instruction:" before continuing the list.
         self.chat_repeats_prefix = chat_repeats_prefix
+        self.prompt_list_as_array = prompt_list_as_array
         self.requests: list[dict] = []
         self._failures: list[tuple[str, dict]] = []
         self._lock = threading.Lock()
@@ -223,6 +226,14 @@ class OpenAIServer:
                 if route == "completions":
                     choices = [{"text": t, "index": i, "logprobs": None, "finish_reason": f} for i, (t, f) in enumerate(outputs)]
                     payload = {"id": "cmpl-test", "object": "text_completion", "created": int(time.time()), "model": request["model"]}
+                    if server.prompt_list_as_array and isinstance(request.get("prompt"), list):
+                        # llama-server: one whole completion object per prompt, usage split likewise.
+                        per_prompt = [
+                            {**payload, "choices": [choice], "usage": {"prompt_tokens": len(p.split()), "completion_tokens": len(choice["text"].split()),
+                                                                      "total_tokens": len(p.split()) + len(choice["text"].split())}}
+                            for p, choice in zip(prompts, choices)
+                        ]  # fmt: skip
+                        return self._send(200, per_prompt)
                 else:
                     (text, finish), = outputs
                     if server.chat_repeats_prefix:
@@ -231,7 +242,7 @@ class OpenAIServer:
                     payload = {"id": "chatcmpl-test", "object": "chat.completion", "created": int(time.time()), "model": request["model"]}
                 self._send(200, {**payload, "choices": choices, "usage": usage})
 
-            def _send(self, status: int, payload: dict, headers: dict | None = None):
+            def _send(self, status: int, payload: dict | list, headers: dict | None = None):
                 self._send_raw(status, json.dumps(payload).encode(), headers)
 
             def _send_raw(self, status: int, body: bytes, headers: dict | None = None):

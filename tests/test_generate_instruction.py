@@ -246,6 +246,17 @@ def test_server_taking_one_prompt_per_request(files, tmp_path):
     assert all(isinstance(r["body"]["prompt"], str) for r in server.requests[1:])
 
 
+def test_llama_server_array_answer_to_a_list_of_prompts(files, tmp_path):
+    with OpenAIServer(prompt_list_as_array=True) as server:
+        kept = generate(server, files, tmp_path / "array", num_instructions_to_generate=40)
+    with OpenAIServer() as server:
+        generate(server, files, tmp_path / "choices", num_instructions_to_generate=40)
+    assert len(kept) >= 40 and all(isinstance(r["body"]["prompt"], list) for r in server.requests)
+    assert (tmp_path / "array" / "regen.json").read_bytes() == (tmp_path / "choices" / "regen.json").read_bytes()
+    array_counts, choices_counts = (summary_of(tmp_path / name)["counts"] for name in ("array", "choices"))
+    assert array_counts == choices_counts and "malformed_responses" not in array_counts
+
+
 def test_same_output_for_any_concurrency(files, tmp_path):
     outputs = []
     for concurrency in (1, 8):
