@@ -402,3 +402,21 @@ def test_command_line_recover_with_test_inference(dirs, tmp_path):
 def test_importing_does_not_import_openai():
     code = "import sys, weight_diff; assert 'openai' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=120).returncode == 0
+
+
+def test_raw_only_rotary_buffers_are_skipped(dirs, tmp_path, capsys):
+    raw = load_weights(dirs["raw"])
+    raw["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
+    save_weights(raw, tmp_path / "raw", "bin", like=dirs["raw"])
+    recover_quietly(tmp_path / "raw", dirs["diff"], tmp_path / "out")
+    assert "skipping 1 rotary inv_freq buffers" in capsys.readouterr().out
+    assert_bit_identical(load_weights(tmp_path / "out"), load_weights(dirs["recovered"]))
+
+
+@pytest.mark.parametrize("dtype,fmt", [(torch.bfloat16, "safetensors"), (torch.float16, "bin")])
+def test_half_precision_raw_is_upcast_before_adding(dirs, tmp_path, dtype, fmt):
+    raw = save_weights({k: v.to(dtype) for k, v in load_weights(dirs["raw"]).items()}, tmp_path / "raw", fmt, shards=2, like=dirs["raw"])
+    weight_diff.make_diff(str(raw), str(dirs["tuned"]), str(tmp_path / "diff"))
+    recover_quietly(raw, tmp_path / "diff", tmp_path / "out")
+    assert_bit_identical(load_weights(tmp_path / "out"), original_recover(raw, tmp_path / "diff"))
+    weight_diff.verify(str(tmp_path / "out"), str(tmp_path / "diff"))
