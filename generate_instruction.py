@@ -221,20 +221,23 @@ class Endpoint:
 
     def _complete_with_retries(self, prompts: list[str]) -> Completion:
         retries = 0
+        max_tokens = self.max_tokens
         while True:
-            max_tokens = self.max_tokens
             try:
                 completion = self._call(prompts, max_tokens)
                 completion.retries += retries
+                self._settle_max_tokens(max_tokens)
                 return completion
             except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
                 raise StopGeneration(f"{self.where} refused the request ({e.status_code}): {_message(e)}") from None
             except openai.NotFoundError as e:
                 raise StopGeneration(f"model {self.model_name!r} is not available at {self.where}: {_message(e)}") from None
             except openai.BadRequestError as e:
-                if _is_context_length_error(e) and self._shrink_max_tokens(e, max_tokens):
-                    continue
-                raise RequestFailed(f"bad request: {_message(e)}") from None
+                if not _is_context_length_error(e):
+                    raise RequestFailed(f"bad request: {_message(e)}") from None
+                max_tokens = self._smaller_max_tokens(e, max_tokens)
+                if max_tokens is None:
+                    raise RequestFailed(f"the prompt does not fit the model's context: {_message(e)}") from None
             except (openai.APIConnectionError, openai.APIStatusError) as e:
                 if isinstance(e, openai.RateLimitError) and getattr(e, "code", None) == "insufficient_quota":
                     raise StopGeneration(f"{self.where}: quota exhausted: {_message(e)}") from None
@@ -300,20 +303,37 @@ class Endpoint:
                 answers.append(Completion([(choice.message.content or "", choice.finish_reason)], *_usage(response)))
         return _concatenate(answers)
 
-    def _shrink_max_tokens(self, error: openai.BadRequestError, sent_max_tokens: int) -> bool:
-        """Lower max_tokens to what the context leaves (from the error message, else by 20%).
-        False when it cannot go lower."""
+    def _smaller_max_tokens(self, error: openai.BadRequestError, sent_max_tokens: int) -> int | None:
+        """The max_tokens to retry with after a context-length error: what the context leaves
+        beside the prompt when the message says so, else 20% less. None when no max_tokens can
+        help (the prompt alone fills the context) or it cannot go lower.
+
+        The lowered value is this request's own; it becomes the run's only once a request
+        succeeds with it, so that one over-long prompt does not shrink every later request."""
+        if self.max_tokens < sent_max_tokens:
+            return self.max_tokens  # another request already succeeded with less
+        # OpenAI and older vLLM: "... (1000 in your prompt; ...)" or "(28 in the messages, ...)";
+        # current vLLM: "... and your request has 28 input tokens ...".
+        numbers = re.search(
+            r"maximum context length is (\d+) tokens.*?(\d+) (?:in (?:your|the) (?:prompt|messages)|input tokens)", _message(error), re.S
+        )
+        if numbers:
+            room = int(numbers[1]) - int(numbers[2])
+            if room < 1:
+                return None
+            if room < sent_max_tokens:
+                tqdm.tqdm.write(f"context length exceeded: max_tokens {sent_max_tokens} -> {room}")
+                return room
+        new_max_tokens = int(sent_max_tokens * 0.8)
+        if new_max_tokens < 1:
+            return None
+        tqdm.tqdm.write(f"context length exceeded: max_tokens {sent_max_tokens} -> {new_max_tokens}")
+        return new_max_tokens
+
+    def _settle_max_tokens(self, max_tokens: int) -> None:
+        """A request succeeded with `max_tokens`: later requests start from it."""
         with self._lock:
-            if self.max_tokens < sent_max_tokens:
-                return True  # another request already lowered it
-            numbers = re.search(r"maximum context length is (\d+) tokens.*?(\d+) in (?:your|the) (?:prompt|messages)", _message(error), re.S)
-            room = int(numbers[1]) - int(numbers[2]) if numbers else 0
-            new_max_tokens = room if 0 < room < sent_max_tokens else int(sent_max_tokens * 0.8)
-            if new_max_tokens < 1:
-                return False
-            self.max_tokens = new_max_tokens
-            tqdm.tqdm.write(f"context length exceeded: max_tokens {sent_max_tokens} -> {new_max_tokens}")
-            return True
+            self.max_tokens = min(self.max_tokens, max_tokens)
 
     def _retry_delay(self, error: Exception, retries: int) -> float:
         headers = error.response.headers if isinstance(error, openai.APIStatusError) else {}

@@ -12,7 +12,7 @@ by the OS) so that the real `openai` client talks to it over real sockets. Behav
   `api_key` turns on bearer-key checking (401); `models` lists the known models (others get
   OpenAI's 404 `model_not_found`); `routes` can drop the completions or chat route (404, as for
   a chat-only model); `max_context` makes requests whose prompt plus `max_tokens` exceed it fail
-  with OpenAI's context-length 400; `accepts_prompt_list=False` refuses a list of prompts (422,
+  with a context-length 400 (`context_message`: "openai" or "vllm" wording); `accepts_prompt_list=False` refuses a list of prompts (422,
   as servers that take one prompt per request do); `prompt_list_as_array=True` answers a list of
   prompts as llama.cpp's llama-server does: a JSON array of completion objects, one per prompt.
 - `inject(kind, times)` makes the next `times` requests fail in one of the ways of `FAILURES`.
@@ -89,6 +89,7 @@ class OpenAIServer:
         accepts_prompt_list: bool = True,
         chat_repeats_prefix: bool = True,
         prompt_list_as_array: bool = False,
+        context_message: str = "openai",
     ):
         self.writer = writer
         self.latency = latency
@@ -101,6 +102,7 @@ class OpenAIServer:
         # Chat models tend to restate "N. Instruction:" before continuing the list.
         self.chat_repeats_prefix = chat_repeats_prefix
         self.prompt_list_as_array = prompt_list_as_array
+        self.context_message = context_message
         self.requests: list[dict] = []
         self._failures: list[tuple[str, dict]] = []
         self._lock = threading.Lock()
@@ -209,12 +211,7 @@ class OpenAIServer:
                 prompt_tokens = sum(len(p.split()) for p in prompts)
                 max_tokens = int(request.get("max_tokens") or 16)
                 if server.max_context is not None and max(len(p.split()) for p in prompts) + max_tokens > server.max_context:
-                    longest = max(len(p.split()) for p in prompts)
-                    message = (
-                        f"This model's maximum context length is {server.max_context} tokens, however you requested "
-                        f"{longest + max_tokens} tokens ({longest} in your prompt; {max_tokens} for the completion). "
-                        "Please reduce your prompt; or completion length."
-                    )
+                    message = _context_length_message(server.context_message, server.max_context, max(len(p.split()) for p in prompts), max_tokens)
                     return self._send(400, _error(message, "invalid_request_error", "context_length_exceeded"))
                 outputs = [_finish(server.writer(p, request["model"]), request.get("stop"), max_tokens) for p in prompts]
                 if kind == "empty":
@@ -262,6 +259,19 @@ class OpenAIServer:
 
 def _error(message: str, kind: str, code: str | None) -> dict:
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+def _context_length_message(style: str, context: int, prompt_tokens: int, max_tokens: int) -> str:
+    """The 400 message of OpenAI or of vLLM (current wording) for a prompt plus max_tokens that
+    exceed the context."""
+    if style == "vllm":
+        if prompt_tokens >= context:
+            return (f"This model's maximum context length is {context} tokens. However, your request has {prompt_tokens} "
+                    "input tokens. Please reduce the length of the input messages.")  # fmt: skip
+        return (f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's maximum context length is "
+                f"{context} tokens and your request has {prompt_tokens} input tokens ({max_tokens} > {context} - {prompt_tokens}).")  # fmt: skip
+    return (f"This model's maximum context length is {context} tokens, however you requested {prompt_tokens + max_tokens} "
+            f"tokens ({prompt_tokens} in your prompt; {max_tokens} for the completion). Please reduce your prompt; or completion length.")  # fmt: skip
 
 
 def _finish(text: str, stop: list[str] | str | None, max_tokens: int) -> tuple[str, str]:

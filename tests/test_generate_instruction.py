@@ -370,6 +370,23 @@ def test_context_length_error_shrinks_max_tokens(files, tmp_path):
     assert summary_of(tmp_path / "out")["max_tokens"] == sent[-1] < 1200
 
 
+@pytest.mark.parametrize("wording", ["openai", "vllm"])
+def test_prompt_longer_than_the_context_fails_alone(files, tmp_path, wording):
+    """A prompt that alone fills the context fails without retries and leaves max_tokens as
+    the other prompts need it (it used to shrink max_tokens to 1 for the rest of the run)."""
+    with open(files["seed_tasks_path"], "a") as f:
+        long_seed = {"instruction": "Summarize the report in one sentence.", "instances": [{"input": "word " * 300, "output": "A report."}]}
+        f.write(json.dumps(long_seed) + "\n")
+    with OpenAIServer(max_context=250, context_message=wording) as server:
+        kept = generate(server, files, tmp_path / "out", num_instructions_to_generate=30, request_batch_size=1)
+    assert len(kept) >= 30
+    counts, summary = summary_of(tmp_path / "out")["counts"], summary_of(tmp_path / "out")
+    too_long = [r for r in server.requests if "word word word" in r["body"]["prompt"]]
+    assert counts["failed_requests"] >= 1 and len(too_long) == counts["failed_requests"]
+    short_prompt_tokens = max(len(r["body"]["prompt"].split()) for r in server.requests if r not in too_long)
+    assert summary["max_tokens"] >= 250 - short_prompt_tokens - 10
+
+
 def test_authentication_error_stops_at_once(files, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
