@@ -48,8 +48,9 @@ ALPACA_7B_SUM = 50637.1836
 NAIVE_SUM_ATOL = 1e-2
 # Checkpoints saved by transformers < 4.31 (such as the 2023 Alpaca-7B diff) hold every LLaMA
 # layer's rotary `inv_freq` buffer; newer versions compute it from the config and neither save
-# nor read it. A raw LLaMA converted today therefore lacks tensors the diff has: such buffers
-# are recovered when both inputs have them and skipped, with a note, when only one has.
+# nor read it. A raw LLaMA converted today therefore lacks buffers the diff has: the raw side
+# is then the computed buffer, as the original's raw model held it after loading (see
+# `add_computed_rotary_buffers`). Buffers only the raw model has are skipped, with a note.
 RECOMPUTED_BUFFER_SUFFIX = ".rotary_emb.inv_freq"
 OUTPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -204,10 +205,13 @@ def read_exactly(f, tensor: torch.Tensor, info: TensorInfo, name: str) -> None:
         raise WeightDiffError(f"{info.file}: ends inside tensor {name}; the file is truncated")
 
 
-def load_into(tensor: torch.Tensor, info: TensorInfo, name: str) -> None:
-    """Copy a stored tensor into the first elements of `tensor`, converting it to the dtype of
-    `tensor` (float32 here, as the original loaded every model)."""
+def load_into(tensor: torch.Tensor, info: TensorInfo | torch.Tensor, name: str) -> None:
+    """Copy a stored tensor (or a computed one) into the first elements of `tensor`, converting
+    it to the dtype of `tensor` (float32 here, as the original loaded every model)."""
     flat = tensor.view(-1)
+    if isinstance(info, torch.Tensor):
+        flat[: info.numel()] = info.reshape(-1)
+        return
     if info.offset is not None and info.dtype == tensor.dtype:  # nothing to convert: read it in
         with open(info.file, "rb", buffering=0) as f:
             f.seek(info.offset)
@@ -344,16 +348,34 @@ def init_new_rows_to_mean(weight: torch.Tensor, num_new_rows: int) -> None:
     weight[-num_new_rows:] = weight[:-num_new_rows].mean(dim=0, keepdim=True)
 
 
+def add_computed_rotary_buffers(raw: dict[str, TensorInfo | torch.Tensor], other: dict[str, TensorInfo], config) -> None:
+    """Give the raw model the rotary `inv_freq` buffers that `other` (a diff or tuned model saved
+    by transformers < 4.31) holds and it lacks, computed from the config as LLaMA layers then
+    computed them when the model was built: the original's raw model held these values, so
+    recovered = computed + diff, and the naive sum (Alpaca-7B's 50637.1836) counts them."""
+    missing = [name for name in other.keys() - raw.keys() if name.endswith(RECOMPUTED_BUFFER_SUFFIX)]
+    if not missing:
+        return
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+    for name in missing:
+        if other[name].shape != tuple(inv_freq.shape):
+            raise WeightDiffError(f"tensor {name}: shape {other[name].shape}, but the config gives rotary buffers of shape {tuple(inv_freq.shape)}")
+        raw[name] = inv_freq
+    print(f"note: {len(missing)} rotary inv_freq buffers of an old checkpoint computed from the config for the raw model")
+
+
 def match_tensors(
-    raw: dict[str, TensorInfo], other: dict[str, TensorInfo], path_raw: str, path_other: str
+    raw: dict[str, TensorInfo | torch.Tensor], other: dict[str, TensorInfo], path_raw: str, path_other: str
 ) -> tuple[set[str], set[str]]:
     """Check that `other` (the tuned model or the diff) has the raw model's tensors with the
     same shapes, except embedding matrices one row longer for the [PAD] token that fine-tuning
     adds when the raw tokenizer has none. Returns the names to process and those getting the
     [PAD] row."""
-    skipped = {name for name in raw.keys() ^ other.keys() if name.endswith(RECOMPUTED_BUFFER_SUFFIX)}
+    skipped = {name for name in raw.keys() - other.keys() if name.endswith(RECOMPUTED_BUFFER_SUFFIX)}
     if skipped:
-        print(f"note: skipping {len(skipped)} rotary inv_freq buffers that only one input has (transformers recomputes them)")
+        print(f"note: skipping {len(skipped)} rotary inv_freq buffers that only the raw model has (transformers recomputes them)")
     for has, lacks, names in (
         (path_raw, path_other, raw.keys() - other.keys() - skipped),
         (path_other, path_raw, other.keys() - raw.keys() - skipped),
@@ -386,14 +408,17 @@ def load_tokenizer(directory: str) -> transformers.PreTrainedTokenizerBase:
         raise WeightDiffError(f"{directory}: cannot load its tokenizer ({e})") from None
 
 
-def model_order(config_dir: str, names: set[str]) -> list[str]:
+def load_config(directory: str) -> transformers.PretrainedConfig:
+    try:
+        return transformers.AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError) as e:
+        raise WeightDiffError(f"{directory}: cannot load its config.json ({e})") from None
+
+
+def model_order(config: transformers.PretrainedConfig, names: set[str]) -> list[str]:
     """`names` in the order of the model's state_dict, which the original iterated: the naive
     integrity sum adds float32 values in this order. Tensors the model does not declare (old
     rotary buffers) come last."""
-    try:
-        config = transformers.AutoConfig.from_pretrained(config_dir)
-    except (OSError, ValueError) as e:
-        raise WeightDiffError(f"{config_dir}: cannot load its config.json ({e})") from None
     with torch.device("meta"):  # builds the module tree without allocating any weight
         model = transformers.AutoModelForCausalLM.from_config(config)
     declared = [name for name in model.state_dict() if name in names]
@@ -584,9 +609,11 @@ def make_diff(
         max_shard_size_gb: largest safetensors shard to write, in GB (10^9 bytes).
     """
     check_target(path_diff, overwrite, [path_raw, path_tuned])
+    config = load_config(path_tuned)
     raw, tuned = index_checkpoint(path_raw), index_checkpoint(path_tuned)
+    add_computed_rotary_buffers(raw, tuned, config)
     names, padded = match_tensors(raw, tuned, path_raw, path_tuned)
-    order = model_order(path_tuned, names)
+    order = model_order(config, names)
     shapes = [tuned[name].shape for name in order]
     raw_buffer, tuned_buffer, diff_buffer = (reusable_buffer(shapes, torch.float32) for _ in range(3))
     with atomic_output_dir(path_diff, overwrite) as out:
@@ -664,9 +691,11 @@ def recover(
     dtype = OUTPUT_DTYPES[output_dtype]
     if path_tuned is not None:
         check_target(path_tuned, overwrite, [path_raw, path_diff])
+    config = load_config(path_diff)
     raw, diff = index_checkpoint(path_raw), index_checkpoint(path_diff)
+    add_computed_rotary_buffers(raw, diff, config)
     names, padded = match_tensors(raw, diff, path_raw, path_diff)
-    order = model_order(path_diff, names)
+    order = model_order(config, names)
     manifest = read_manifest(path_diff) if os.path.exists(os.path.join(path_diff, MANIFEST_NAME)) else None
     if manifest is not None:
         check_manifest_layout(manifest, diff, names, path_diff)

@@ -239,11 +239,39 @@ def test_recover_without_target_writes_nothing(dirs, tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_old_rotary_buffers_in_only_one_input_are_skipped(dirs, tmp_path, capsys):
+def test_diff_with_2023_rotary_buffers_and_raw_without(dirs, tmp_path, capsys):
+    # The 2023 diff holds every layer's inv_freq; a LLaMA converted today does not. The original,
+    # run then, loaded the raw model with the inv_freq it computed, so raw + diff and the naive
+    # sum (the Alpaca-7B value) include it: 32 layers of about 7.46 each for LLaMA-7B.
     diff = load_weights(dirs["diff"])
-    diff["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.zeros(4)
+    config = transformers.AutoConfig.from_pretrained(dirs["raw"])
+    head_dim = config.hidden_size // config.num_attention_heads
+    computed = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    offsets = {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.full((head_dim // 2,), 0.25 * (i + 1)) for i in range(2)}
+    diff.update(offsets)
     save_weights(diff, tmp_path / "diff", "safetensors", like=dirs["diff"])
-    recover_quietly(dirs["raw"], tmp_path / "diff", tmp_path / "out")
+    manifest = json.loads((dirs["diff"] / weight_diff.MANIFEST_NAME).read_text())
+    expected = manifest["naive_sum"] + sum((computed + offset).sum().item() for offset in offsets.values())
+    recover_quietly(dirs["raw"], tmp_path / "diff", tmp_path / "out", expected_sum=expected)
+    assert f"expected {expected:.4f}: ok" in capsys.readouterr().out
+    recovered = load_weights(tmp_path / "out")
+    for name, offset in offsets.items():
+        assert bits(recovered.pop(name)) == bits(computed + offset)
+    assert_bit_identical(recovered, load_weights(dirs["recovered"]))
+    # make_diff the other way round: a 2023 tuned model against a raw converted today.
+    tuned = load_weights(dirs["tuned"])
+    tuned.update({name: computed + offset for name, offset in offsets.items()})
+    save_weights(tuned, tmp_path / "tuned", "bin", like=dirs["tuned"])
+    weight_diff.make_diff(str(dirs["raw"]), str(tmp_path / "tuned"), str(tmp_path / "diff2"))
+    for name, offset in offsets.items():
+        assert bits(load_weights(tmp_path / "diff2")[name]) == bits((computed + offset) - computed)
+
+
+def test_raw_only_rotary_buffers_are_skipped(dirs, tmp_path, capsys):
+    raw = load_weights(dirs["raw"])
+    raw["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
+    save_weights(raw, tmp_path / "raw", "bin", like=dirs["raw"])
+    recover_quietly(tmp_path / "raw", dirs["diff"], tmp_path / "out")
     assert "skipping 1 rotary inv_freq buffers" in capsys.readouterr().out
     assert_bit_identical(load_weights(tmp_path / "out"), load_weights(dirs["recovered"]))
 
@@ -402,15 +430,6 @@ def test_command_line_recover_with_test_inference(dirs, tmp_path):
 def test_importing_does_not_import_openai():
     code = "import sys, weight_diff; assert 'openai' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=120).returncode == 0
-
-
-def test_raw_only_rotary_buffers_are_skipped(dirs, tmp_path, capsys):
-    raw = load_weights(dirs["raw"])
-    raw["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
-    save_weights(raw, tmp_path / "raw", "bin", like=dirs["raw"])
-    recover_quietly(tmp_path / "raw", dirs["diff"], tmp_path / "out")
-    assert "skipping 1 rotary inv_freq buffers" in capsys.readouterr().out
-    assert_bit_identical(load_weights(tmp_path / "out"), load_weights(dirs["recovered"]))
 
 
 @pytest.mark.parametrize("dtype,fmt", [(torch.bfloat16, "safetensors"), (torch.float16, "bin")])
