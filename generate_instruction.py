@@ -16,7 +16,9 @@ API (several prompts per request, as the original) or the chat API (one prompt p
 import collections
 import contextlib
 import dataclasses
+import email.utils
 import json
+import math
 import os
 import random
 import re
@@ -336,12 +338,13 @@ class Endpoint:
             self.max_tokens = min(self.max_tokens, max_tokens)
 
     def _retry_delay(self, error: Exception, retries: int) -> float:
+        """Seconds to wait before retry number `retries` + 1: what the server asks for in
+        Retry-After (seconds or an HTTP date) or retry-after-ms, else exponential backoff with jitter."""
         headers = error.response.headers if isinstance(error, openai.APIStatusError) else {}
-        for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-            try:
-                return float(headers[name]) * scale
-            except (KeyError, ValueError):
-                pass
+        asked = _seconds(headers.get("retry-after-ms"), 0.001)
+        asked = _seconds(headers.get("retry-after"), 1.0) if asked is None else asked
+        if asked is not None:
+            return asked
         return min(60.0, self.retry_base_delay * 2**retries) * random.uniform(0.5, 1.0)
 
 
@@ -367,6 +370,21 @@ def _malformed_is_failure():
         yield
     except (ValueError, TypeError, AttributeError, KeyError, IndexError) as e:
         raise RequestFailed(f"malformed response: {type(e).__name__}: {str(e)[:200]}", "malformed_responses") from None
+
+
+def _seconds(value: str | None, unit: float) -> float | None:
+    """A Retry-After value (a number of `unit`s, or an HTTP date) as seconds from now; None when
+    absent or unreadable."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value) * unit
+    except ValueError:
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 def _usage(response) -> tuple[int, int]:

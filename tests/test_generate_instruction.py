@@ -1,6 +1,7 @@
 """generate_instruction.py against a real local HTTP server speaking the OpenAI API
 (tests/openai_server.py), through the real `openai` client. Budget: about 40 s on 2 cores."""
 import collections
+import email.utils
 import json
 import os
 import pathlib
@@ -313,6 +314,14 @@ def test_rate_limit_waits_for_retry_after(server, files, tmp_path):
     first, retry = server.requests[:2]
     assert retry["body"] == first["body"] and retry["time"] - first["time"] >= 1.0
     assert summary_of(tmp_path / "out")["counts"]["retries"] == 1
+
+
+def test_rate_limit_retry_after_as_an_http_date(server, files, tmp_path):
+    # RFC 9110 allows a date instead of seconds; it has a resolution of one second.
+    server.inject("rate_limit", retry_after=email.utils.formatdate(time.time() + 2, usegmt=True))
+    generate(server, files, tmp_path / "out", num_instructions_to_generate=20)
+    first, retry = server.requests[:2]
+    assert retry["body"] == first["body"] and 0.9 <= retry["time"] - first["time"] <= 5
 
 
 def test_server_errors_timeouts_and_dropped_connections_are_retried(server, files, tmp_path):
