@@ -215,9 +215,11 @@ def token_statistics(examples: list[dict], tokenizer_path: str, max_length: int)
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     prompts = [utils.format_prompt(example["instruction"], example["input"]) for example in examples]
-    full = [prompt + example["output"] + tokenizer.eos_token for prompt, example in zip(prompts, examples)]
+    full = [prompt + example["output"] for prompt, example in zip(prompts, examples)]
     prompt_tokens = count_tokens(tokenizer, prompts, "tokenizing prompts")
-    total_tokens = count_tokens(tokenizer, full, "tokenizing examples")
+    # train.py appends the EOS id after tokenizing (adding an EOS token to a tokenizer that has
+    # none), so it is one more token whether or not this tokenizer defines one.
+    total_tokens = [count + 1 for count in count_tokens(tokenizer, full, "tokenizing examples")]
     return {
         "tokenizer": tokenizer_path,
         "max_length": max_length,
@@ -251,10 +253,12 @@ def load_spacy_model(name: str):
 
 def root_verb_and_object(doc) -> tuple[str | None, str | None]:
     """The Self-Instruct analysis: the root of the first sentence when it is a verb, and its first
-    direct object when that is a noun, both lemmatized and lowercased; None for what is missing."""
-    root = next(doc.sents).root
-    if root.pos_ != "VERB":
+    direct object when that is a noun, both lemmatized and lowercased; None for what is missing
+    (an empty instruction has no sentence at all)."""
+    sentence = next(doc.sents, None)
+    if sentence is None or sentence.root.pos_ != "VERB":
         return None, None
+    root = sentence.root
     verb = root.lemma_.lower()
     for child in root.children:
         if child.dep_ == "dobj" and child.pos_ == "NOUN":

@@ -198,6 +198,7 @@ def test_tokens_and_chart_on_the_command_line(tmp_path, tiny_llama_dir):
     ("Explain why the sky is blue.", ("explain", None)),
     ("Summarize this.", ("summarize", None)),
     ("What is the capital of France?", (None, None)),
+    ("", (None, None)),  # an empty instruction (reported as a problem) has no sentence to parse
 ])
 def test_root_verb_and_object(nlp, sentence, expected):
     assert analyze_data.root_verb_and_object(nlp(sentence)) == expected
@@ -225,3 +226,17 @@ def test_counts_and_chart(tmp_path):
     # Not blank: a good share of the pixels are coloured (the rings), not white background.
     coloured = np.abs(image[..., :3] - 1.0).sum(axis=-1) > 0.1
     assert coloured.mean() > 0.1
+
+
+def test_token_statistics_count_the_eos_that_training_appends(tmp_path, tiny_llama_dir):
+    """Like train.py, one EOS token ends every sequence, also with a tokenizer that defines none."""
+    examples = [{"instruction": "Name a colour.", "input": "", "output": "Blue."}]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    text = utils.format_prompt(examples[0]["instruction"], "") + examples[0]["output"]
+    expected = len(tokenizer(text)["input_ids"]) + 1
+    assert analyze_data.token_statistics(examples, str(tiny_llama_dir), 512)["total_tokens"]["max"] == expected
+
+    tokenizer.eos_token = None
+    tokenizer.save_pretrained(tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path).eos_token is None
+    assert analyze_data.token_statistics(examples, str(tmp_path), 512)["total_tokens"]["max"] == expected
