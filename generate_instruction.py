@@ -203,6 +203,7 @@ class Endpoint:
             api_key = "EMPTY"  # vLLM, llama.cpp and Ollama do not check it, but the client needs one
         # The client's own retries are off: this class decides what to retry and how long to wait.
         self.client = openai.OpenAI(api_key=api_key, base_url=base_url, timeout=request_timeout, max_retries=0)
+        self._api_key_from_environment = os.environ.get("OPENAI_API_KEY")
         self.where = base_url or "api.openai.com"
         self.model_name = model_name
         self.style = api_style  # "auto" until the endpoint has shown which API it serves
@@ -231,25 +232,31 @@ class Endpoint:
                 self._settle_max_tokens(max_tokens)
                 return completion
             except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
-                raise StopGeneration(f"{self.where} refused the request ({e.status_code}): {_message(e)}") from None
+                raise StopGeneration(f"{self.where} refused the request ({e.status_code}): {self._masked(_message(e))}") from None
             except openai.NotFoundError as e:
-                raise StopGeneration(f"model {self.model_name!r} is not available at {self.where}: {_message(e)}") from None
+                raise StopGeneration(f"model {self.model_name!r} is not available at {self.where}: {self._masked(_message(e))}") from None
             except openai.BadRequestError as e:
                 if not _is_context_length_error(e):
-                    raise RequestFailed(f"bad request: {_message(e)}") from None
+                    raise RequestFailed(f"bad request: {self._masked(_message(e))}") from None
                 max_tokens = self._smaller_max_tokens(e, max_tokens)
                 if max_tokens is None:
-                    raise RequestFailed(f"the prompt does not fit the model's context: {_message(e)}") from None
+                    raise RequestFailed(f"the prompt does not fit the model's context: {self._masked(_message(e))}") from None
             except (openai.APIConnectionError, openai.APIStatusError) as e:
                 if isinstance(e, openai.RateLimitError) and getattr(e, "code", None) == "insufficient_quota":
-                    raise StopGeneration(f"{self.where}: quota exhausted: {_message(e)}") from None
+                    raise StopGeneration(f"{self.where}: quota exhausted: {self._masked(_message(e))}") from None
                 status = getattr(e, "status_code", None)
                 transient = status is None or status in (408, 409, 429) or status >= 500
                 if not transient or retries >= self.max_retries:
-                    raise RequestFailed(f"{_describe(e)} (after {retries} retries)") from None
+                    raise RequestFailed(f"{self._masked(_describe(e))} (after {retries} retries)") from None
                 if self.stop_event.wait(self._retry_delay(e, retries)):
                     raise RequestFailed("the run is stopping") from None
                 retries += 1
+
+    def _masked(self, text: str) -> str:
+        """`text` with the API key replaced by ***: some servers quote it in their errors, and
+        no message or file may show it."""
+        key = self._api_key_from_environment
+        return text.replace(key, "***") if key else text
 
     def _call(self, prompts: list[str], max_tokens: int) -> Completion:
         if self.style == "chat":

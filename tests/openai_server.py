@@ -9,7 +9,7 @@ by the OS) so that the real `openai` client talks to it over real sockets. Behav
   numbered tasks made of pseudo-words seeded by the prompt text, up to task 25, and the server
   applies `stop` and `max_tokens` (whitespace tokens) as a real one would.
 - `latency` seconds (plus up to `latency_jitter`, drawn at random) are added to every answer;
-  `api_key` turns on bearer-key checking (401); `models` lists the known models (others get
+  `api_key` turns on bearer-key checking (401, quoting the key presented); `models` lists the known models (others get
   OpenAI's 404 `model_not_found`); `routes` can drop the completions or chat route (404, as for
   a chat-only model); `max_context` makes requests whose prompt plus `max_tokens` exceed it fail
   with a context-length 400 (`context_message`: "openai" or "vllm" wording); `accepts_prompt_list=False` refuses a list of prompts (422,
@@ -175,7 +175,9 @@ class OpenAIServer:
                 if route is None or route not in server.routes:
                     return self._send(404, _error("This is a chat model and not supported in the v1/completions endpoint.", "invalid_request_error", None))
                 if server.api_key is not None and self.headers.get("Authorization") != f"Bearer {server.api_key}":
-                    return self._send(401, _error("Incorrect API key provided.", "invalid_request_error", "invalid_api_key"))
+                    # Some servers and proxies quote the key they were given: the client must not show it.
+                    presented = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
+                    return self._send(401, _error(f"Incorrect API key provided: {presented}.", "invalid_request_error", "invalid_api_key"))
                 kind, options = server._next_failure()
                 time.sleep(server.latency + random.uniform(0, server.latency_jitter))
                 if kind == "hang":

@@ -507,7 +507,10 @@ def test_cli_reports_a_stopped_run_and_documents_its_flags(files, tmp_path):
         stopped = subprocess.run(cli(files, tmp_path / "out", server.base_url), cwd=ROOT, env=env, capture_output=True, text=True)
     assert stopped.returncode == 1
     assert "generate_instruction: " in stopped.stderr and "refused the request (401)" in stopped.stderr
-    assert "wrong-key" not in stopped.stderr + stopped.stdout
+    # The server quoted the key in its error: neither the output nor the files show it.
+    assert "Incorrect API key provided: ***" in stopped.stderr
+    written = "".join(path.read_text() for path in (tmp_path / "out").iterdir())
+    assert "wrong-key" not in stopped.stderr + stopped.stdout + written and "***" in written
     shown = subprocess.run(
         [sys.executable, "-m", "generate_instruction", "generate_instruction_following_data", "--help"],
         cwd=ROOT, env=dict(env, PAGER="cat"), capture_output=True, text=True,
