@@ -8,6 +8,8 @@ The arithmetic is the original Alpaca release's: every tensor in float32, `diff 
 and `tuned = raw + diff`, parameter by parameter. When the raw tokenizer has no pad token, the
 raw embedding matrices (input and output) first get one more row, the mean of the existing
 rows, for the `[PAD]` token that fine-tuning added; the diff's extra row says this is needed.
+(train.py also adds `</s>`, `<s>` and `<unk>` when the tokenizer lacks them: one mean row for
+each token it adds, found with train.py's own rule.)
 
 How it is done differs from the original:
 - streaming: one tensor at a time from (sharded) safetensors or `.bin` checkpoints, written
@@ -38,10 +40,10 @@ import transformers
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
+import train
 import utils
 
 MANIFEST_NAME = "weight_diff_manifest.json"
-PAD_TOKEN = "[PAD]"
 # The original's naive integrity check: the sum of all parameter sums of the recovered
 # Alpaca-7B must be this value, within NAIVE_SUM_ATOL.
 ALPACA_7B_SUM = 50637.1836
@@ -343,8 +345,8 @@ class ShardedSafetensorsWriter:
 
 def init_new_rows_to_mean(weight: torch.Tensor, num_new_rows: int) -> None:
     """Set the last `num_new_rows` rows of an embedding matrix just grown for added tokens to
-    the mean of the rows before them: how fine-tuning initialises the [PAD] embedding (the
-    original's smart_tokenizer_and_embedding_resize, applied to one float32 matrix)."""
+    the mean of the rows before them: how fine-tuning initialises them (train.py's
+    smart_tokenizer_and_embedding_resize, applied to one float32 matrix)."""
     weight[-num_new_rows:] = weight[:-num_new_rows].mean(dim=0, keepdim=True)
 
 
@@ -368,11 +370,11 @@ def add_computed_rotary_buffers(raw: dict[str, TensorInfo | torch.Tensor], other
 
 def match_tensors(
     raw: dict[str, TensorInfo | torch.Tensor], other: dict[str, TensorInfo], path_raw: str, path_other: str
-) -> tuple[set[str], set[str]]:
+) -> tuple[set[str], dict[str, int]]:
     """Check that `other` (the tuned model or the diff) has the raw model's tensors with the
-    same shapes, except embedding matrices one row longer for the [PAD] token that fine-tuning
-    adds when the raw tokenizer has none. Returns the names to process and those getting the
-    [PAD] row."""
+    same shapes, except embedding matrices with a row more for each special token that
+    fine-tuning added to the raw tokenizer ([PAD] when it has no pad token, as the original).
+    Returns the names to process, and the embedding matrices with their number of new rows."""
     skipped = {name for name in raw.keys() - other.keys() if name.endswith(RECOMPUTED_BUFFER_SUFFIX)}
     if skipped:
         print(f"note: skipping {len(skipped)} rotary inv_freq buffers that only the raw model has (transformers recomputes them)")
@@ -387,18 +389,27 @@ def match_tensors(
                 "the two are not the same model architecture"
             )
     names = raw.keys() & other.keys()
-    grown = {name for name in names if other[name].shape[1:] == raw[name].shape[1:] and other[name].shape[:1] == (raw[name].shape[0] + 1,)}
-    # Only look at the tokenizer when some matrix is one row longer: it is the [PAD] row
-    # exactly when the raw tokenizer has no pad token (the original's rule).
-    pad_rows_expected = bool(grown) and load_tokenizer(path_raw).pad_token is None
+    grown = {name for name in names if other[name].shape[1:] == raw[name].shape[1:] and other[name].shape[0] > raw[name].shape[0]}
+    # Only look at the tokenizer when some matrix has more rows: as many rows as train.py adds
+    # tokens to the raw tokenizer are expected.
+    num_new_tokens = count_added_tokens(path_raw) if grown else 0
     for name in sorted(names):
-        if raw[name].shape == other[name].shape or (pad_rows_expected and name in grown):
+        if raw[name].shape == other[name].shape or (name in grown and other[name].shape[0] == raw[name].shape[0] + num_new_tokens):
             continue
-        hint = " (the raw tokenizer has a pad token, so no [PAD] row is added)" if name in grown else ""
+        hint = ""
+        if name in grown:
+            hint = f" (fine-tuning adds {num_new_tokens} special tokens to the raw tokenizer, so as many embedding rows)"
         raise WeightDiffError(
             f"tensor {name}: shape {raw[name].shape} in {path_raw} but {other[name].shape} in {path_other}{hint}"
         )
-    return names, grown if pad_rows_expected else set()
+    return names, {name: num_new_tokens for name in grown}
+
+
+def count_added_tokens(path_raw: str) -> int:
+    """How many tokens train.py adds to the raw tokenizer before fine-tuning ([PAD] when there
+    is no pad token, and EOS/BOS/UNK when missing or empty): the number of new embedding rows."""
+    tokenizer = load_tokenizer(path_raw)
+    return tokenizer.add_special_tokens(train.missing_special_tokens(tokenizer))
 
 
 def load_tokenizer(directory: str) -> transformers.PreTrainedTokenizerBase:
@@ -612,7 +623,7 @@ def make_diff(
     config = load_config(path_tuned)
     raw, tuned = index_checkpoint(path_raw), index_checkpoint(path_tuned)
     add_computed_rotary_buffers(raw, tuned, config)
-    names, padded = match_tensors(raw, tuned, path_raw, path_tuned)
+    names, new_rows = match_tensors(raw, tuned, path_raw, path_tuned)
     order = model_order(config, names)
     shapes = [tuned[name].shape for name in order]
     raw_buffer, tuned_buffer, diff_buffer = (reusable_buffer(shapes, torch.float32) for _ in range(3))
@@ -623,8 +634,8 @@ def make_diff(
             for name in tqdm(order, desc="make_diff", unit="tensor"):
                 raw_tensor, tuned_tensor, diff = (shaped(b, tuned[name].shape) for b in (raw_buffer, tuned_buffer, diff_buffer))
                 load_into(raw_tensor, raw[name], name)
-                if name in padded:
-                    init_new_rows_to_mean(raw_tensor, 1)
+                if name in new_rows:
+                    init_new_rows_to_mean(raw_tensor, new_rows[name])
                 load_into(tuned_tensor, tuned[name], name)
                 torch.sub(tuned_tensor, raw_tensor, out=diff)
                 writer.write(name, diff)
@@ -638,7 +649,7 @@ def make_diff(
             "about": "sha256 of every float32 tensor as `weight_diff.py recover` computes it (raw + diff)",
             "dtype": "float32",
             "naive_sum": naive_sum(sums, order),
-            "pad_row_tensors": sorted(padded),
+            "new_embedding_rows": dict(sorted(new_rows.items())),
             "max_abs_difference_from_tuned": largest_difference,
             "tensors": entries,
         }
@@ -694,7 +705,7 @@ def recover(
     config = load_config(path_diff)
     raw, diff = index_checkpoint(path_raw), index_checkpoint(path_diff)
     add_computed_rotary_buffers(raw, diff, config)
-    names, padded = match_tensors(raw, diff, path_raw, path_diff)
+    names, new_rows = match_tensors(raw, diff, path_raw, path_diff)
     order = model_order(config, names)
     manifest = read_manifest(path_diff) if os.path.exists(os.path.join(path_diff, MANIFEST_NAME)) else None
     if manifest is not None:
@@ -711,8 +722,8 @@ def recover(
                 # (The original computed diff + raw; float addition is commutative, bit for bit.)
                 recovered = shaped(buffer, diff[name].shape)
                 load_into(recovered, raw[name], name)
-                if name in padded:
-                    init_new_rows_to_mean(recovered, 1)
+                if name in new_rows:
+                    init_new_rows_to_mean(recovered, new_rows[name])
                 add_stored(recovered, diff[name], name)
                 if manifest is not None and sha256_hex(recovered) != manifest["tensors"][name]["sha256"]:
                     raise WeightDiffError(

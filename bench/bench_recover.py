@@ -70,7 +70,7 @@ def save_tokenizer(directory: str, with_pad: bool) -> None:
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     if with_pad:
-        tokenizer.add_special_tokens({"pad_token": weight_diff.PAD_TOKEN})
+        tokenizer.add_special_tokens({"pad_token": train.DEFAULT_PAD_TOKEN})
     tokenizer.save_pretrained(directory)
 
 
@@ -113,7 +113,7 @@ def recover_baseline(path_raw: str, path_diff: str, path_tuned: str) -> None:
     model_recovered = transformers.AutoModelForCausalLM.from_pretrained(path_diff, **load)
     tokenizer_raw = transformers.AutoTokenizer.from_pretrained(path_raw)
     if tokenizer_raw.pad_token is None:
-        train.smart_tokenizer_and_embedding_resize({"pad_token": weight_diff.PAD_TOKEN}, tokenizer_raw, model_raw)
+        train.smart_tokenizer_and_embedding_resize({"pad_token": train.DEFAULT_PAD_TOKEN}, tokenizer_raw, model_raw)
     tokenizer_recovered = transformers.AutoTokenizer.from_pretrained(path_diff)
     state_dict_recovered = model_recovered.state_dict()
     state_dict_raw = model_raw.state_dict()

@@ -142,7 +142,7 @@ def test_round_trip_with_pad_row_is_bit_exact(dirs):
     # Bit for bit what the manifest recorded at make time.
     weight_diff.verify(str(dirs["recovered"]), str(dirs["diff"]))
     manifest = json.loads((dirs["diff"] / weight_diff.MANIFEST_NAME).read_text())
-    assert manifest["pad_row_tensors"] == ["lm_head.weight", "model.embed_tokens.weight"]
+    assert manifest["new_embedding_rows"] == {"lm_head.weight": 1, "model.embed_tokens.weight": 1}
     for name, tensor in recovered.items():
         assert manifest["tensors"][name]["sha256"] == hashlib.sha256(bits(tensor)).hexdigest()
     # The tuned weights to float32 rounding, and the manifest reports the largest difference.
@@ -182,7 +182,7 @@ def test_round_trip_without_pad_row(dirs, tmp_path):
     # The raw model already has the [PAD] token: plain subtraction, shapes unchanged.
     weight_diff.make_diff(str(dirs["padded"]), str(dirs["tuned"]), str(tmp_path / "diff"))
     manifest = json.loads((tmp_path / "diff" / weight_diff.MANIFEST_NAME).read_text())
-    assert manifest["pad_row_tensors"] == []
+    assert manifest["new_embedding_rows"] == {}
     recover_quietly(dirs["padded"], tmp_path / "diff", tmp_path / "out")
     weight_diff.verify(str(tmp_path / "out"), str(tmp_path / "diff"))
     assert_bit_identical(load_weights(tmp_path / "out"), original_recover(dirs["padded"], tmp_path / "diff"))
@@ -198,6 +198,50 @@ def test_pad_row_is_the_mean_of_the_raw_rows(dirs):
     assert bits(grown[:-1]) == bits(embedding)
     # And exactly the row fine-tuning gave the [PAD] token.
     assert bits(grown) == bits(load_weights(dirs["padded"])["model.embed_tokens.weight"])
+
+
+def _word_level_tokenizer_without_bos(directory: pathlib.Path, vocab_size: int) -> transformers.PreTrainedTokenizerFast:
+    """A tokenizer with <unk> and </s> but no BOS token and no "<s>" in its vocabulary, so
+    train.py adds two tokens ([PAD] and <s>) and two embedding rows."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "</s>": 1, **{f"w{i}": i for i in range(2, vocab_size)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>")
+    for name in NON_WEIGHT_FILES[2:]:
+        (directory / name).unlink(missing_ok=True)
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def test_several_new_rows_as_train_py_adds_them(tmp_path):
+    model, _ = build_tiny_llama(tmp_path / "raw")
+    tokenizer = _word_level_tokenizer_without_bos(tmp_path / "raw", model.config.vocab_size)
+    raw_state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    assert train.smart_tokenizer_and_embedding_resize(train.missing_special_tokens(tokenizer), tokenizer, model) == 2
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.01)
+    model.save_pretrained(tmp_path / "tuned")
+    tokenizer.save_pretrained(tmp_path / "tuned")
+    weight_diff.make_diff(str(tmp_path / "raw"), str(tmp_path / "tuned"), str(tmp_path / "diff"))
+    recover_quietly(tmp_path / "raw", tmp_path / "diff", tmp_path / "out")
+    recovered = load_weights(tmp_path / "out")
+    diff = load_weights(tmp_path / "diff")
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        grown = torch.cat([raw_state[name], raw_state[name].mean(dim=0, keepdim=True).expand(2, -1)])
+        assert bits(recovered[name]) == bits(grown + diff[name])
+    weight_diff.verify(str(tmp_path / "out"), str(tmp_path / "diff"))
+
+
+def test_new_rows_must_match_the_tokens_fine_tuning_adds(dirs, tmp_path):
+    # Raw weights without the [PAD] row but a tokenizer that already has a pad token: fine-tuning
+    # would add no row, so the diff's extra row cannot be explained.
+    raw = save_weights(load_weights(dirs["raw"]), tmp_path / "raw", "safetensors", like=dirs["padded"])
+    with pytest.raises(weight_diff.WeightDiffError, match=r"shape \(400, 32\) in .* but \(401, 32\) .*adds 0 special tokens"):
+        recover_quietly(raw, dirs["diff"], tmp_path / "out")
+    assert_nothing_left(tmp_path / "out")
 
 
 @pytest.mark.parametrize(
