@@ -120,13 +120,15 @@ def post_process_response(
     """The tasks in one completion that pass the filters, and the dropped ones counted by reason.
 
     `text` continues a prompt of `num_prompt_instructions` examples, i.e. it starts right after
-    "N. Instruction:" with N = num_prompt_instructions + 1 (a chat model's reply may restate that
-    prefix). Tasks are separated by "###"; when the completion stopped for length the last one is
-    likely cut off and is dropped."""
+    "N. Instruction:" with N = num_prompt_instructions + 1. Tasks are separated by "###"; when
+    the completion stopped for length the last one is likely cut off and is dropped."""
     first_number = num_prompt_instructions + 1
     prefix = f"{first_number}. Instruction:"
-    if text.lstrip().startswith(prefix):
-        text = text.lstrip()[len(prefix) :]
+    # A chat model's reply may restate "N. Instruction:", perhaps after a sentence of its own:
+    # the first task starts after it.
+    before, found, after = text.partition(prefix)
+    if found and "###" not in before:
+        text = after
     blocks = re.split("###", prefix + text)
     dropped = collections.Counter()
     if finish_reason == "length":

@@ -142,10 +142,11 @@ def test_post_process_drops_the_cut_off_last_task_on_length():
     assert dropped["truncated"] == 1
 
 
-def test_post_process_accepts_a_chat_reply_that_restates_the_number():
-    tasks, _ = post_process_response(3, "4. Instruction:" + HAND_WRITTEN, "stop")
-    assert tasks[0]["instruction"] == "Suggest a name for a bakery that sells only bread."
-    assert len(tasks) == 4
+@pytest.mark.parametrize("chat_start", ["4. Instruction:", "\n4. Instruction:", "Sure! Here are 16 more tasks.\n\n4. Instruction:"])
+def test_post_process_accepts_a_chat_reply_that_restates_the_number(chat_start):
+    expected = post_process_response(3, HAND_WRITTEN, "stop")
+    assert post_process_response(3, chat_start + HAND_WRITTEN, "stop") == expected
+    assert len(expected[0]) == 4
 
 
 def test_encode_then_parse_round_trip(files):
