@@ -54,7 +54,10 @@ STOP_SEQUENCES = ["\n20. Instruction:", "###\n20."]
 def load_seed_tasks(path: str) -> list[dict]:
     """Seed tasks (JSON Lines of {"instruction", "instances": [{"input", "output"}, ...], ...}) as
     {"instruction", "input", "output"} records, taking each task's first instance as the original."""
-    records = utils.jload(path)
+    try:
+        records = utils.jload(path)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
     records = [records] if isinstance(records, dict) else records
     tasks = []
     for number, record in enumerate(records, start=1):
@@ -436,7 +439,7 @@ def load_machine_instructions(path: str) -> list[dict]:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # invalid JSON or not UTF-8
         raise ValueError(f"{path}: not valid JSON ({e}); move it away to start a new run") from None
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of generated tasks")

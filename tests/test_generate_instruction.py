@@ -171,6 +171,9 @@ def test_bad_seed_file_names_the_record(files, tmp_path):
     path.write_text(first_line + '\n{"instruction": "No instances here."}\n')
     with pytest.raises(ValueError, match=r"bad_seeds.jsonl: record 2: expected an object with 'instruction' and 'instances'"):
         generate_instruction.load_seed_tasks(str(path))
+    path.write_bytes(first_line.encode() + b'\n{"instruction": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"bad_seeds.jsonl: not UTF-8"):
+        generate_instruction.load_seed_tasks(str(path))
 
 
 def test_item_layout_matches_jdump(tmp_path):
@@ -428,13 +431,14 @@ def test_consecutive_failures_stop_the_run(server, files, tmp_path):
     assert len(server.requests) == 3
 
 
-def test_corrupt_output_is_reported_and_left_alone(server, files, tmp_path):
+@pytest.mark.parametrize("corrupt", [b'[{"instruction": "half', b'[{"instruction": "caf\xe9"}]'], ids=["cut", "latin-1"])
+def test_corrupt_output_is_reported_and_left_alone(server, files, tmp_path, corrupt):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "regen.json").write_text('[{"instruction": "half')
+    (out / "regen.json").write_bytes(corrupt)
     with pytest.raises(ValueError, match="regen.json: not valid JSON"):
         generate(server, files, out)
-    assert (out / "regen.json").read_text() == '[{"instruction": "half' and not server.requests
+    assert (out / "regen.json").read_bytes() == corrupt and not server.requests
 
 
 # ----------------------------------------------------------------------------- the command line
