@@ -136,6 +136,17 @@ def test_post_process_applies_every_filter():
     )  # fmt: skip
 
 
+def test_post_process_word_count_bounds():
+    def task(number, instruction):
+        return f"{number}. Instruction: {instruction}\n{number}. Input:\n<noinput>\n{number}. Output:\nok\n###\n"
+
+    counts = [3, 4, 150, 151]
+    text = "".join(task(4 + i, " ".join(["Count"] * n)) for i, n in enumerate(counts))
+    tasks, dropped = post_process_response(3, text.removeprefix("4. Instruction:"), "stop")
+    assert [len(t["instruction"].split()) for t in tasks] == [4, 150]
+    assert dropped == collections.Counter(too_short=1, too_long=1)
+
+
 def test_post_process_drops_the_cut_off_last_task_on_length():
     tasks, dropped = post_process_response(3, HAND_WRITTEN, "length")
     assert tasks[-1]["instruction"] == "Rewrite this paragraph in the passive voice."

@@ -167,3 +167,11 @@ def test_deduplicate_in_one_pass_makes_the_same_decisions(seed_instructions, alp
     assert one_pass.deduplicate(candidates, chunk_size=256) == expected
     assert one_pass.instructions == batched.instructions
     assert 100 < expected.count(False) < 400
+
+
+def test_a_score_of_exactly_the_threshold_is_kept():
+    # 7 common words of 10 and 10: F is exactly 0.7, which the original keeps (it drops > 0.7).
+    seed, at_threshold, above = "a b c d e f g h i j", "a b c d e f g x y z", "a b c d e f g h y z"
+    assert reference_fmeasures(at_threshold, [seed]).tolist() == [0.7]
+    assert [s is not None for s in RougeLIndex([seed]).add_if_novel([at_threshold, above])] == [True, False]
+    assert RougeLIndex([seed]).deduplicate([at_threshold, above]) == [True, False]
