@@ -350,6 +350,26 @@ def init_new_rows_to_mean(weight: torch.Tensor, num_new_rows: int) -> None:
     weight[-num_new_rows:] = weight[:-num_new_rows].mean(dim=0, keepdim=True)
 
 
+def pair_checkpoints(
+    path_raw: str, path_other: str
+) -> tuple[dict[str, TensorInfo | torch.Tensor], dict[str, TensorInfo], list[str], dict[str, int]]:
+    """Index the raw model and the tuned model or diff and match their tensors (see
+    `match_tensors`). Returns both indexes, the names to process in state_dict order (tensors
+    the model does not declare, old rotary buffers, last) and the embedding matrices' new rows."""
+    config = load_config(path_other)
+    declared, tied = state_dict_layout(config)
+    raw, other = index_checkpoint(path_raw), index_checkpoint(path_other)
+    # Transformers saves a tied tensor once; older .bin checkpoints hold it under both names.
+    for tensors in (raw, other):
+        for copy, name in tied.items():
+            if name in tensors:
+                tensors.pop(copy, None)
+    add_computed_rotary_buffers(raw, other, config)
+    names, new_rows = match_tensors(raw, other, path_raw, path_other)
+    order = [name for name in declared if name in names] + sorted(names.difference(declared))
+    return raw, other, order, new_rows
+
+
 def add_computed_rotary_buffers(raw: dict[str, TensorInfo | torch.Tensor], other: dict[str, TensorInfo], config) -> None:
     """Give the raw model the rotary `inv_freq` buffers that `other` (a diff or tuned model saved
     by transformers < 4.31) holds and it lacks, computed from the config as LLaMA layers then
@@ -426,14 +446,19 @@ def load_config(directory: str) -> transformers.PretrainedConfig:
         raise WeightDiffError(f"{directory}: cannot load its config.json ({e})") from None
 
 
-def model_order(config: transformers.PretrainedConfig, names: set[str]) -> list[str]:
-    """`names` in the order of the model's state_dict, which the original iterated: the naive
-    integrity sum adds float32 values in this order. Tensors the model does not declare (old
-    rotary buffers) come last."""
+def state_dict_layout(config: transformers.PretrainedConfig) -> tuple[list[str], dict[str, str]]:
+    """The model's state_dict names in order, which the original iterated (the naive integrity
+    sum adds float32 values in this order), and its tied copies: {copy: the name it is tied to},
+    such as lm_head.weight when the word embeddings are tied."""
     with torch.device("meta"):  # builds the module tree without allocating any weight
         model = transformers.AutoModelForCausalLM.from_config(config)
-    declared = [name for name in model.state_dict() if name in names]
-    return declared + sorted(names.difference(declared))
+    first_name, tied = {}, {}
+    for name, tensor in model.state_dict(keep_vars=True).items():  # a tied tensor is one object
+        if id(tensor) in first_name:
+            tied[name] = first_name[id(tensor)]
+        else:
+            first_name[id(tensor)] = name
+    return list(first_name.values()), tied
 
 
 def sha256_hex(tensor: torch.Tensor) -> str:
@@ -620,11 +645,7 @@ def make_diff(
         max_shard_size_gb: largest safetensors shard to write, in GB (10^9 bytes).
     """
     check_target(path_diff, overwrite, [path_raw, path_tuned])
-    config = load_config(path_tuned)
-    raw, tuned = index_checkpoint(path_raw), index_checkpoint(path_tuned)
-    add_computed_rotary_buffers(raw, tuned, config)
-    names, new_rows = match_tensors(raw, tuned, path_raw, path_tuned)
-    order = model_order(config, names)
+    raw, tuned, order, new_rows = pair_checkpoints(path_raw, path_tuned)
     shapes = [tuned[name].shape for name in order]
     raw_buffer, tuned_buffer, diff_buffer = (reusable_buffer(shapes, torch.float32) for _ in range(3))
     with atomic_output_dir(path_diff, overwrite) as out:
@@ -702,14 +723,10 @@ def recover(
     dtype = OUTPUT_DTYPES[output_dtype]
     if path_tuned is not None:
         check_target(path_tuned, overwrite, [path_raw, path_diff])
-    config = load_config(path_diff)
-    raw, diff = index_checkpoint(path_raw), index_checkpoint(path_diff)
-    add_computed_rotary_buffers(raw, diff, config)
-    names, new_rows = match_tensors(raw, diff, path_raw, path_diff)
-    order = model_order(config, names)
+    raw, diff, order, new_rows = pair_checkpoints(path_raw, path_diff)
     manifest = read_manifest(path_diff) if os.path.exists(os.path.join(path_diff, MANIFEST_NAME)) else None
     if manifest is not None:
-        check_manifest_layout(manifest, diff, names, path_diff)
+        check_manifest_layout(manifest, diff, set(order), path_diff)
     shapes = [diff[name].shape for name in order]
     buffer = reusable_buffer(shapes, torch.float32)
     cast_buffer = reusable_buffer(shapes, dtype) if dtype != torch.float32 else None

@@ -244,6 +244,35 @@ def test_new_rows_must_match_the_tokens_fine_tuning_adds(dirs, tmp_path):
     assert_nothing_left(tmp_path / "out")
 
 
+def test_tied_embeddings_stored_once_or_twice(tmp_path):
+    # transformers saves a tied lm_head once (safetensors); older .bin checkpoints hold both
+    # names. Either way round, the model recovers, with the tie intact.
+    model, tokenizer = build_tiny_llama(tmp_path / "raw", tie_word_embeddings=True)
+    train.smart_tokenizer_and_embedding_resize(train.missing_special_tokens(tokenizer), tokenizer, model)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.01)
+    model.save_pretrained(tmp_path / "tuned")
+    tokenizer.save_pretrained(tmp_path / "tuned")
+    tuned = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    assert "lm_head.weight" in tuned and "lm_head.weight" not in load_weights(tmp_path / "tuned")
+    raw_both = save_weights(
+        {**load_weights(tmp_path / "raw"), "lm_head.weight": load_weights(tmp_path / "raw")["model.embed_tokens.weight"]},
+        tmp_path / "raw_both",
+        "bin",
+        like=tmp_path / "raw",
+    )
+    tuned_both = save_weights(tuned, tmp_path / "tuned_both", "bin", like=tmp_path / "tuned")
+    # (raw for make_diff, tuned, raw for recover): each input once with both names.
+    cases = {"a": (tmp_path / "raw", tuned_both, raw_both), "b": (raw_both, tmp_path / "tuned", tmp_path / "raw")}
+    for case, (raw, tuned_dir, raw_again) in cases.items():
+        weight_diff.make_diff(str(raw), str(tuned_dir), str(tmp_path / f"diff_{case}"))
+        recover_quietly(raw_again, tmp_path / f"diff_{case}", tmp_path / f"out_{case}")
+        out = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / f"out_{case}")
+        assert out.lm_head.weight is out.model.embed_tokens.weight
+        assert torch.allclose(out.model.embed_tokens.weight, tuned["model.embed_tokens.weight"], rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "fmt,shards", [("safetensors", 3), ("bin", 1), ("bin", 2)], ids=["safetensors-sharded", "bin", "bin-sharded"]
 )
