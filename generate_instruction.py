@@ -173,12 +173,15 @@ class RequestFailed(RuntimeError):
 
 @dataclasses.dataclass
 class Completion:
-    """One request's answer: (text, finish_reason) per prompt, in prompt order, and usage."""
+    """One request's answer: (text, finish_reason) per answered prompt, in prompt order, and
+    usage. Where each prompt is its own HTTP request (chat), `failures` holds those that failed
+    for good."""
 
     choices: list[tuple[str, str | None]]
     prompt_tokens: int = 0
     completion_tokens: int = 0
     retries: int = 0
+    failures: list["RequestFailed"] = dataclasses.field(default_factory=list)
 
 
 class Endpoint:
@@ -222,10 +225,19 @@ class Endpoint:
 
     def complete(self, prompts: list[str]) -> Completion:
         """Completions for all prompts, retrying what can be retried. Where each prompt is its
-        own request (chat), each is retried on its own so that answered prompts are not paid twice."""
-        if self.style == "chat" or self.one_prompt_per_call:
-            return _concatenate([self._complete_with_retries([prompt]) for prompt in prompts])
-        return self._complete_with_retries(prompts)
+        own request (chat), each is retried on its own so that answered prompts are not paid
+        twice, and one that fails for good is recorded without losing the others."""
+        if not (self.style == "chat" or self.one_prompt_per_call):
+            return self._complete_with_retries(prompts)
+        answered, failures = [], []
+        for prompt in prompts:
+            try:
+                answered.append(self._complete_with_retries([prompt]))
+            except RequestFailed as e:
+                failures.append(e)
+        completion = _concatenate(answered)
+        completion.failures = failures
+        return completion
 
     def _complete_with_retries(self, prompts: list[str]) -> Completion:
         retries = 0
@@ -649,19 +661,19 @@ def generate_instruction_following_data(
             # Results are folded in request order, whatever order they arrive in.
             try:
                 completion = in_flight.popleft().result()
-                kept_before = len(item_texts)
-                if keep_novel_tasks(completion):
-                    consecutive_failures = 0
-                else:
-                    consecutive_failures += 1
-                    last_error = "the completions held no usable task"
-                if len(item_texts) > kept_before:
-                    save_regen(item_texts, regen_path)
             except RequestFailed as e:
-                counts[e.kind] += 1
+                completion = Completion([], failures=[e])
+            for failure in completion.failures:
+                counts[failure.kind] += 1
+                tqdm.tqdm.write(f"request failed: {failure}")
+            kept_before = len(item_texts)
+            if keep_novel_tasks(completion):
+                consecutive_failures = 0
+            else:
                 consecutive_failures += 1
-                last_error = str(e)
-                tqdm.tqdm.write(f"request failed: {e}")
+                last_error = str(completion.failures[-1]) if completion.failures else "the completions held no usable task"
+            if len(item_texts) > kept_before:
+                save_regen(item_texts, regen_path)
             batches_done += 1
             counts["requests"] += 1
             shown = {k.removeprefix("dropped_"): v for k, v in counts.items() if k.startswith("dropped_") or k in ("generated", "failed_requests")}

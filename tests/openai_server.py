@@ -43,6 +43,7 @@ FAILURES = {
     "length": "the normal texts cut in half with finish_reason 'length'",
     "unauthorized": "401 invalid_api_key",
     "bad_request": "400 invalid_request_error",
+    "none": "the normal answer (to place a failure after some good answers)",
 }
 
 _SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]

@@ -255,6 +255,15 @@ def test_explicit_chat_style_retries_each_prompt_on_its_own(server, files, tmp_p
     assert summary_of(tmp_path / "out")["counts"]["retries"] == 1
 
 
+def test_chat_prompt_failing_for_good_keeps_the_answered_ones(server, files, tmp_path):
+    server.inject("none")
+    server.inject("server_error")  # the second prompt of the first request, with no retries left
+    generate(server, files, tmp_path / "out", api_style="chat", num_instructions_to_generate=1, max_retries=0)
+    counts = summary_of(tmp_path / "out")["counts"]
+    assert len(server.requests) == 2 and counts["requests"] == 1 and counts["failed_requests"] == 1
+    assert counts["kept"] >= 1  # the first prompt's tasks were paid for: they are used
+
+
 def test_server_taking_one_prompt_per_request(files, tmp_path):
     with OpenAIServer(accepts_prompt_list=False) as server:
         kept = generate(server, files, tmp_path / "out", num_instructions_to_generate=40)
