@@ -356,9 +356,9 @@ def pair_checkpoints(
     """Index the raw model and the tuned model or diff and match their tensors (see
     `match_tensors`). Returns both indexes, the names to process in state_dict order (tensors
     the model does not declare, old rotary buffers, last) and the embedding matrices' new rows."""
+    raw, other = index_checkpoint(path_raw), index_checkpoint(path_other)
     config = load_config(path_other)
     declared, tied = state_dict_layout(config)
-    raw, other = index_checkpoint(path_raw), index_checkpoint(path_other)
     # Transformers saves a tied tensor once; older .bin checkpoints hold it under both names.
     for tensors in (raw, other):
         for copy, name in tied.items():
@@ -601,6 +601,13 @@ def save_config_and_tokenizer(source_dir: str, target_dir: str, dtype: torch.dty
     load_tokenizer(source_dir).save_pretrained(target_dir)
 
 
+def check_device(device: str) -> None:
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise WeightDiffError(f"--device {device} cannot be used here for the test inference ({e})") from None
+
+
 def run_test_inference(model_dir: str, device: str, dtype: torch.dtype) -> str:
     """Greedy 100-token completion of the Alpaca no-input prompt by the model in `model_dir`,
     printed and returned: a quick look that the recovered model talks sense."""
@@ -721,6 +728,8 @@ def recover(
     if output_dtype not in OUTPUT_DTYPES:
         raise WeightDiffError(f"--output_dtype {output_dtype}: choose one of {', '.join(OUTPUT_DTYPES)}")
     dtype = OUTPUT_DTYPES[output_dtype]
+    if test_inference:  # fail now, not after the whole recovery
+        check_device(device)
     if path_tuned is not None:
         check_target(path_tuned, overwrite, [path_raw, path_diff])
     raw, diff, order, new_rows = pair_checkpoints(path_raw, path_diff)

@@ -287,6 +287,15 @@ def test_every_input_format_recovers_the_same_bits(dirs, tmp_path, fmt, shards):
     weight_diff.verify(str(tmp_path / "out"), str(diff))
 
 
+@pytest.mark.parametrize("dtype,fmt", [(torch.bfloat16, "safetensors"), (torch.float16, "bin")])
+def test_half_precision_raw_is_upcast_before_adding(dirs, tmp_path, dtype, fmt):
+    raw = save_weights({k: v.to(dtype) for k, v in load_weights(dirs["raw"]).items()}, tmp_path / "raw", fmt, shards=2, like=dirs["raw"])
+    weight_diff.make_diff(str(raw), str(dirs["tuned"]), str(tmp_path / "diff"))
+    recover_quietly(raw, tmp_path / "diff", tmp_path / "out")
+    assert_bit_identical(load_weights(tmp_path / "out"), original_recover(raw, tmp_path / "diff"))
+    weight_diff.verify(str(tmp_path / "out"), str(tmp_path / "diff"))
+
+
 def test_sharded_output_with_index(dirs, tmp_path):
     recover_quietly(dirs["raw"], dirs["diff"], tmp_path / "out", max_shard_size_gb=50e-6)
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
@@ -505,10 +514,9 @@ def test_importing_does_not_import_openai():
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=120).returncode == 0
 
 
-@pytest.mark.parametrize("dtype,fmt", [(torch.bfloat16, "safetensors"), (torch.float16, "bin")])
-def test_half_precision_raw_is_upcast_before_adding(dirs, tmp_path, dtype, fmt):
-    raw = save_weights({k: v.to(dtype) for k, v in load_weights(dirs["raw"]).items()}, tmp_path / "raw", fmt, shards=2, like=dirs["raw"])
-    weight_diff.make_diff(str(raw), str(dirs["tuned"]), str(tmp_path / "diff"))
-    recover_quietly(raw, tmp_path / "diff", tmp_path / "out")
-    assert_bit_identical(load_weights(tmp_path / "out"), original_recover(raw, tmp_path / "diff"))
-    weight_diff.verify(str(tmp_path / "out"), str(tmp_path / "diff"))
+def test_unusable_device_fails_before_recovering(dirs, tmp_path):
+    device = "cuda" if not torch.cuda.is_available() else "cuda:999"
+    result = _run("recover", "--path_raw", str(dirs["raw"]), "--path_diff", str(dirs["diff"]), "--path_tuned", str(tmp_path / "out"), "--device", device)
+    assert result.returncode == 1 and f"error: --device {device} cannot be used here" in result.stderr
+    assert "recover:" not in result.stderr  # no progress bar: nothing was recovered first
+    assert_nothing_left(tmp_path / "out")
