@@ -699,6 +699,10 @@ def run_server(model, tokenizer, model_id: str, host: str, port: int, max_new_to
 # ---------------------------------------------------------------------------------------------
 
 
+# fire would read text such as "1, 2" or "{a: 1}" as a tuple or a dict: these flags are text as given.
+@fire.decorators.SetParseFns(**dict.fromkeys(
+    ["model_name_or_path", "instruction", "input", "lora_weights", "input_file", "output_file", "host", "generator",
+     "dtype"], str))
 def main(
     model_name_or_path: str,
     instruction: str | None = None,
@@ -769,8 +773,7 @@ def main(
         run_batch(model, tokenizer, records, done, output_file, generator or name, batch_size, max_new_tokens,
                   **decoding)
     elif instruction is not None:
-        print_response(model, tokenizer, str(instruction), None if input is None else str(input), max_new_tokens,
-                       **decoding)
+        print_response(model, tokenizer, instruction, input, max_new_tokens, **decoding)
     else:
         interactive(model, tokenizer, max_new_tokens, **decoding)
 

@@ -81,6 +81,20 @@ def test_one_shot_prints_only_the_response(tiny_llama_dir):
     assert result.stdout == expected + "\n"
 
 
+def test_text_flags_stay_text(tiny_llama_dir, tmp_path):
+    # fire reads "1,2,3" as a tuple and 2024 as a number unless told the flag is text.
+    expected = reference_response(tiny_llama_dir, "1,2,3")
+    assert expected != reference_response(tiny_llama_dir, "(1, 2, 3)"), "the check would prove nothing"
+    result = run_inference("--model_name_or_path", tiny_llama_dir, "--instruction", "1,2,3", "--max_new_tokens", 24)
+    assert result.stdout == expected + "\n"
+
+    input_file, output_file = tmp_path / "eval.json", tmp_path / "outputs.json"
+    jdump([{"instruction": "Fine."}], input_file)
+    run_inference("--model_name_or_path", tiny_llama_dir, "--input_file", input_file, "--output_file", output_file,
+                  "--max_new_tokens", 2, "--generator", "2024")
+    assert jload(output_file)[0]["generator"] == "2024"
+
+
 def test_streamed_text_equals_batch_text_also_with_stop_strings(tiny):
     model, tokenizer = tiny
     prompt = format_prompt(*INSTRUCTIONS[0])
