@@ -204,14 +204,12 @@ class Endpoint:
         stop_event: threading.Event,
     ):
         base_url = api_base or os.environ.get("OPENAI_BASE_URL") or None
-        api_key = os.environ.get("OPENAI_API_KEY")
-        if not api_key:
-            if base_url is None:
-                raise StopGeneration("OPENAI_API_KEY is not set (local servers accept any key; pass --api_base for one)")
-            api_key = "EMPTY"  # vLLM, llama.cpp and Ollama do not check it, but the client needs one
-        # The client's own retries are off: this class decides what to retry and how long to wait.
-        self.client = openai.OpenAI(api_key=api_key, base_url=base_url, timeout=request_timeout, max_retries=0)
-        self._api_key_from_environment = os.environ.get("OPENAI_API_KEY")
+        self._api_key = os.environ.get("OPENAI_API_KEY")  # masked in every message we show
+        if not self._api_key and base_url is None:
+            raise StopGeneration("OPENAI_API_KEY is not set (local servers accept any key; pass --api_base for one)")
+        # vLLM, llama.cpp and Ollama do not check the key, but the client needs one. The client's
+        # own retries are off: this class decides what to retry and how long to wait.
+        self.client = openai.OpenAI(api_key=self._api_key or "EMPTY", base_url=base_url, timeout=request_timeout, max_retries=0)
         self.where = base_url or "api.openai.com"
         self.model_name = model_name
         self.style = api_style  # "auto" until the endpoint has shown which API it serves
@@ -272,8 +270,7 @@ class Endpoint:
     def _masked(self, text: str) -> str:
         """`text` with the API key replaced by ***: some servers quote it in their errors, and
         no message or file may show it."""
-        key = self._api_key_from_environment
-        return text.replace(key, "***") if key else text
+        return text.replace(self._api_key, "***") if self._api_key else text
 
     def _call(self, prompts: list[str], max_tokens: int) -> Completion:
         if self.style == "chat":
@@ -473,6 +470,38 @@ def save_regen(item_texts: list[str], path: str) -> None:
     utils.write_text_atomically("[\n" + ",\n".join(item_texts) + "\n]" if item_texts else "[]", path)
 
 
+class KeptTasks:
+    """The kept tasks with regen.json, where they are saved, and the ROUGE-L index of every
+    instruction a new one must not resemble (the seeds and the kept tasks)."""
+
+    def __init__(self, path: str, seed_instructions: list[str], workers: int):
+        self.path = path
+        self.tasks = load_machine_instructions(path)
+        self._item_texts = [item_json(task) for task in self.tasks]
+        self._index = RougeLIndex(seed_instructions + [task["instruction"] for task in self.tasks], workers=workers)
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def add_novel(self, candidates: list[dict], threshold: float) -> int:
+        """Keep, in order, each candidate whose ROUGE-L F-measure against the seeds, the kept
+        tasks and the candidates kept before it is at most `threshold`, with its 10 most similar
+        instructions and its average score, as the original. Returns how many were kept."""
+        novelty = self._index.add_if_novel([task["instruction"] for task in candidates], threshold)
+        kept = 0
+        for task, scores in zip(candidates, novelty):
+            if scores is not None:
+                task["most_similar_instructions"] = self._index.most_similar(scores, 10)
+                task["avg_similarity_score"] = float(np.mean(scores))
+                self.tasks.append(task)
+                self._item_texts.append(item_json(task))
+                kept += 1
+        return kept
+
+    def save(self) -> None:
+        save_regen(self._item_texts, self.path)
+
+
 def load_summary(path: str | None) -> dict:
     """The counters of earlier runs on this output_dir, so that a resumed run adds to them (fresh
     counters when `path` is None or unreadable)."""
@@ -488,6 +517,52 @@ def load_summary(path: str | None) -> dict:
 
 
 # ----------------------------------------------------------------------------- the run
+
+
+def batch_prompts(
+    rng: random.Random,
+    seed_tasks: list[dict],
+    machine_tasks: list[dict],
+    request_batch_size: int,
+    num_prompt_instructions: int,
+    num_machine_instructions: int,
+    prompt_path: str,
+) -> list[str]:
+    """One request's prompts, each with `num_prompt_instructions` examples: up to
+    `num_machine_instructions` sampled from the kept tasks, the rest from the seeds."""
+    prompts = []
+    for _ in range(request_batch_size):
+        machine = rng.sample(machine_tasks, min(num_machine_instructions, len(machine_tasks)))
+        examples = rng.sample(seed_tasks, num_prompt_instructions - len(machine)) + machine
+        prompts.append(encode_prompt(examples, prompt_path))
+    return prompts
+
+
+def candidate_tasks(completion: Completion, num_prompt_instructions: int, counts: collections.Counter) -> list[dict]:
+    """The tasks of one request's completions that pass the filters. Adds the request's usage,
+    retries, failed prompts, empty completions and dropped tasks (by reason) to `counts`."""
+    counts["retries"] += completion.retries
+    counts["prompt_tokens"] += completion.prompt_tokens
+    counts["completion_tokens"] += completion.completion_tokens
+    for failure in completion.failures:
+        counts[failure.kind] += 1
+        tqdm.tqdm.write(f"request failed: {failure}")
+    candidates = []
+    for text, finish_reason in completion.choices:
+        counts["empty_completions"] += not text.strip()
+        tasks, dropped = post_process_response(num_prompt_instructions, text, finish_reason)
+        candidates += tasks
+        counts.update({f"dropped_{reason}": n for reason, n in dropped.items()})
+    counts["generated"] += len(candidates)
+    return candidates
+
+
+def cost(counts: collections.Counter, price_per_1k_prompt_tokens: float | None, price_per_1k_completion_tokens: float | None) -> float | None:
+    """What the tokens counted so far cost, or None when no price is given."""
+    if price_per_1k_prompt_tokens is None and price_per_1k_completion_tokens is None:
+        return None
+    prompt_cost = counts["prompt_tokens"] * (price_per_1k_prompt_tokens or 0)
+    return (prompt_cost + counts["completion_tokens"] * (price_per_1k_completion_tokens or 0)) / 1000
 
 
 def generate_instruction_following_data(
@@ -576,77 +651,39 @@ def generate_instruction_following_data(
     os.makedirs(output_dir, exist_ok=True)
     regen_path = os.path.join(output_dir, "regen.json")
     summary_path = os.path.join(output_dir, "regen_summary.json")
-    machine_instruction_data = load_machine_instructions(regen_path)
-    item_texts = [item_json(item) for item in machine_instruction_data]
-    if machine_instruction_data:
-        print(f"Loaded {len(machine_instruction_data)} machine-generated instructions")
+    workers = max(1, min(num_cpus, os.cpu_count() or 1))
+    kept = KeptTasks(regen_path, [task["instruction"] for task in seed_instruction_data], workers)
+    if kept.tasks:
+        print(f"Loaded {len(kept)} machine-generated instructions")
     # Without regen.json this is a new run, whatever an old summary says.
     summary = load_summary(summary_path if os.path.exists(regen_path) else None)
-    counts = summary["counts"]
-    index = RougeLIndex(
-        [d["instruction"] for d in seed_instruction_data + machine_instruction_data],
-        workers=max(1, min(num_cpus, os.cpu_count() or 1)),
-    )
-
-    def batch_prompts(batch_number: int) -> list[str]:
-        # One generator per batch: the prompts of batch b are the same whatever ran before it.
-        rng = random.Random(f"{seed}:{batch_number}") if seed is not None else random.Random()
-        prompts = []
-        for _ in range(request_batch_size):
-            machine = rng.sample(machine_instruction_data, min(num_machine_instructions, len(machine_instruction_data)))
-            examples = rng.sample(seed_instruction_data, num_prompt_instructions - len(machine)) + machine
-            prompts.append(encode_prompt(examples, prompt_path))
-        return prompts
-
-    def keep_novel_tasks(completion: Completion) -> int:
-        """Parse, filter and dedup one request's completions; returns how many tasks it held."""
-        counts["retries"] += completion.retries
-        counts["prompt_tokens"] += completion.prompt_tokens
-        counts["completion_tokens"] += completion.completion_tokens
-        candidates = []
-        for text, finish_reason in completion.choices:
-            counts["empty_completions"] += not text.strip()
-            tasks, dropped = post_process_response(num_prompt_instructions, text, finish_reason)
-            candidates += tasks
-            counts.update({f"dropped_{reason}": n for reason, n in dropped.items()})
-        counts["generated"] += len(candidates)
-        novelty = index.add_if_novel([task["instruction"] for task in candidates], similarity_threshold)
-        for task, scores in zip(candidates, novelty):
-            if scores is None:
-                counts["dropped_similar"] += 1
-                continue
-            task["most_similar_instructions"] = index.most_similar(scores, 10)
-            task["avg_similarity_score"] = float(np.mean(scores))
-            machine_instruction_data.append(task)
-            item_texts.append(item_json(task))
-            counts["kept"] += 1
-            progress.update(1)
-        return len(candidates)
-
+    counts, batches_done = summary["counts"], summary["batches_done"]
     stop_event = threading.Event()
     endpoint = Endpoint(model_name, api_base, api_style, max_tokens, temperature, top_p, request_timeout, max_retries, retry_base_delay, stop_event)
-    batches_done = summary["batches_done"]
     start = time.monotonic()
 
+    def prompts_of_batch(batch_number: int) -> list[str]:
+        # One generator per batch: the prompts of batch b are the same whatever ran before it.
+        rng = random.Random(f"{seed}:{batch_number}") if seed is not None else random.Random()
+        return batch_prompts(
+            rng, seed_instruction_data, kept.tasks, request_batch_size, num_prompt_instructions, num_machine_instructions, prompt_path
+        )
+
     def write_summary(status: str) -> None:
-        cost = None
-        if price_per_1k_prompt_tokens is not None or price_per_1k_completion_tokens is not None:
-            prompt_cost = counts["prompt_tokens"] * (price_per_1k_prompt_tokens or 0)
-            cost = (prompt_cost + counts["completion_tokens"] * (price_per_1k_completion_tokens or 0)) / 1000
         report = {
             "status": status,
-            "kept_total": len(machine_instruction_data),
+            "kept_total": len(kept),
             "model_name": model_name,
             "api_style": endpoint.style,
             "max_tokens": endpoint.max_tokens,
-            "cost": cost,
+            "cost": cost(counts, price_per_1k_prompt_tokens, price_per_1k_completion_tokens),
             "elapsed_seconds_this_run": round(time.monotonic() - start, 3),
             "batches_done": batches_done,
             "counts": dict(sorted(counts.items())),
         }
         utils.write_text_atomically(json.dumps(report, indent=4) + "\n", summary_path)
 
-    progress = tqdm.tqdm(total=num_instructions_to_generate, initial=len(machine_instruction_data), desc="kept", unit="task")
+    progress = tqdm.tqdm(total=num_instructions_to_generate, initial=len(kept), desc="kept", unit="task")
     in_flight: collections.deque[Future] = collections.deque()
     next_batch = batches_done
     request_limit = None if max_requests is None else batches_done + max_requests
@@ -654,39 +691,40 @@ def generate_instruction_following_data(
     summary_written = time.monotonic()
     status = "interrupted"
     try:
-        while len(machine_instruction_data) < num_instructions_to_generate and batches_done != request_limit:
+        while len(kept) < num_instructions_to_generate and batches_done != request_limit:
             while len(in_flight) < max_concurrency and next_batch != request_limit:
-                in_flight.append(send_in_background(endpoint, batch_prompts(next_batch)))
+                in_flight.append(send_in_background(endpoint, prompts_of_batch(next_batch)))
                 next_batch += 1
             # Results are folded in request order, whatever order they arrive in.
             try:
                 completion = in_flight.popleft().result()
             except RequestFailed as e:
                 completion = Completion([], failures=[e])
-            for failure in completion.failures:
-                counts[failure.kind] += 1
-                tqdm.tqdm.write(f"request failed: {failure}")
-            kept_before = len(item_texts)
-            if keep_novel_tasks(completion):
-                consecutive_failures = 0
-            else:
-                consecutive_failures += 1
-                last_error = str(completion.failures[-1]) if completion.failures else "the completions held no usable task"
-            if len(item_texts) > kept_before:
-                save_regen(item_texts, regen_path)
+            candidates = candidate_tasks(completion, num_prompt_instructions, counts)
+            newly_kept = kept.add_novel(candidates, similarity_threshold)
+            counts["dropped_similar"] += len(candidates) - newly_kept
+            counts["kept"] += newly_kept
+            if newly_kept:
+                kept.save()
+                progress.update(newly_kept)
             batches_done += 1
             counts["requests"] += 1
             shown = {k.removeprefix("dropped_"): v for k, v in counts.items() if k.startswith("dropped_") or k in ("generated", "failed_requests")}
             progress.set_postfix(shown, refresh=False)
-            if consecutive_failures >= max_consecutive_failures:
-                raise StopGeneration(f"{consecutive_failures} requests in a row failed or gave nothing usable; last: {last_error}")
+            if candidates:
+                consecutive_failures = 0
+            else:
+                consecutive_failures += 1
+                last_error = str(completion.failures[-1]) if completion.failures else "the completions held no usable task"
+                if consecutive_failures >= max_consecutive_failures:
+                    raise StopGeneration(f"{consecutive_failures} requests in a row failed or gave nothing usable; last: {last_error}")
             # The summary is accounting only: once a second is enough. After a crash it may lag,
             # and the resumed run repeats those requests (with a deterministic endpoint, their
             # tasks duplicate kept ones and are dropped).
             if time.monotonic() - summary_written >= 1.0:
                 write_summary("running")
                 summary_written = time.monotonic()
-        status = "complete" if len(machine_instruction_data) >= num_instructions_to_generate else "request limit reached"
+        status = "complete" if len(kept) >= num_instructions_to_generate else "request limit reached"
     except StopGeneration as e:
         status = f"stopped: {e}"
         raise
@@ -696,9 +734,9 @@ def generate_instruction_following_data(
         stop_event.set()
         progress.close()
         if not os.path.exists(regen_path):
-            save_regen(item_texts, regen_path)  # the output exists even when nothing was kept
+            kept.save()  # the output exists even when nothing was kept
         write_summary(status)
-    return machine_instruction_data
+    return kept.tasks
 
 
 def main() -> None:
