@@ -370,7 +370,9 @@ def pair_checkpoints(
     return raw, other, order, new_rows
 
 
-def add_computed_rotary_buffers(raw: dict[str, TensorInfo | torch.Tensor], other: dict[str, TensorInfo], config) -> None:
+def add_computed_rotary_buffers(
+    raw: dict[str, TensorInfo | torch.Tensor], other: dict[str, TensorInfo], config: transformers.PretrainedConfig
+) -> None:
     """Give the raw model the rotary `inv_freq` buffers that `other` (a diff or tuned model saved
     by transformers < 4.31) holds and it lacks, computed from the config as LLaMA layers then
     computed them when the model was built: the original's raw model held these values, so
@@ -491,7 +493,8 @@ def check_naive_sum(total: float, expected: float | None, path_raw: str) -> None
         raise WeightDiffError(
             f"naive integrity check failed: the recovered weights sum to {total:.4f}, expected "
             f"{expected:.4f} (atol {NAIVE_SUM_ATOL}); a checkpoint file may be corrupt, or the "
-            f"raw model at {path_raw} is not the one the diff was made from"
+            f"raw model at {path_raw} is not the one the diff was made from (for a model other "
+            "than Alpaca-7B, pass its --expected_sum or --check_integrity_naively False)"
         )
     print(f", expected {expected:.4f}: ok")
 
