@@ -59,6 +59,9 @@ def load_model(
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         model = peft.PeftModel.from_pretrained(model, lora_weights).merge_and_unload()
+    # Generation stops at every end-of-sequence token (see end_token_ids), and pads with ours.
+    model.generation_config.eos_token_id = sorted(end_token_ids(model, tokenizer)[1])
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(device).eval(), tokenizer
 
@@ -170,10 +173,12 @@ def text_pieces(
 
 
 def end_token_ids(model, tokenizer) -> tuple[set[int], set[int]]:
-    """(tokens that end a sequence: end of sequence and padding, the end-of-sequence tokens)."""
+    """(tokens that end a sequence: end of sequence and padding, the end-of-sequence tokens).
+    The end-of-sequence tokens are the generation config's (one or several) and the tokenizer's,
+    the one train.py appends to every example, even where the config names another."""
     eos = model.generation_config.eos_token_id
-    eos = tokenizer.eos_token_id if eos is None else eos
-    eos_ids = set(eos if isinstance(eos, list) else [eos])
+    eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+    eos_ids.discard(None)
     return eos_ids | {tokenizer.pad_token_id}, eos_ids
 
 
@@ -186,7 +191,7 @@ def complete_batch(
     batch = tokenizer.pad({"input_ids": encoded}, padding=True, return_tensors="pt").to(model.device)
     if stop:  # let generate stop each sequence at its stop string
         decoding.update(stop_strings=list(stop), tokenizer=tokenizer)
-    output = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **decoding)
+    output = model.generate(**batch, max_new_tokens=max_new_tokens, **decoding)
     end_ids, eos_ids = end_token_ids(model, tokenizer)
     completions = []
     for prompt_ids, new_ids in zip(encoded, output[:, batch["input_ids"].shape[1]:].tolist()):
@@ -243,7 +248,6 @@ def stream_completion(
                 input_ids=torch.tensor([prompt_ids], device=model.device),
                 attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=model.device),
                 max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
                 streamer=streamer,
                 stopping_criteria=transformers.StoppingCriteriaList([WhenCancelled(cancelled)]),
                 **decoding,

@@ -115,6 +115,33 @@ def test_streamed_text_equals_batch_text_also_with_stop_strings(tiny):
     assert "".join(delta for delta, _ in streamed) == cut.text and streamed[-1][1] == "stop"
 
 
+def test_stops_at_the_end_token_training_appended(tmp_path):
+    # train.py ends every example with the tokenizer's EOS token; a checkpoint whose
+    # generation_config names another end token (and whose pad token is its own, added by
+    # train.py) must still stop there, and say it stopped.
+    model, tokenizer = build_tiny_llama(tmp_path, eos_token_id=0)  # generation_config: <unk> ends
+    tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    model.resize_token_embeddings(len(tokenizer))
+    ids = torch.tensor([tokenizer(format_prompt(*INSTRUCTIONS[0]))["input_ids"]])
+    with torch.no_grad():
+        plain = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
+        # Where the model said its 6th token it now says EOS (the same direction, larger).
+        model.lm_head.weight[tokenizer.eos_token_id] = 2 * model.lm_head.weight[plain[5]]
+        new = model.generate(input_ids=ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert tokenizer.eos_token_id in new[1:] and new.index(tokenizer.eos_token_id) < len(new) - 1
+    expected = tokenizer.decode(new[:new.index(tokenizer.eos_token_id)], skip_special_tokens=True)
+    model.save_pretrained(str(tmp_path))
+    tokenizer.save_pretrained(str(tmp_path))
+
+    model, tokenizer = load_model(str(tmp_path))
+    prompt = format_prompt(*INSTRUCTIONS[0])
+    completion = complete_batch(model, tokenizer, [prompt], 12)[0]
+    assert (completion.text.strip(), completion.finish_reason) == (expected, "stop")
+    assert completion.completion_tokens == new.index(tokenizer.eos_token_id)
+    streamed = list(stream_completion(model, tokenizer, prompt, 12))
+    assert "".join(delta for delta, _ in streamed) == completion.text and streamed[-1][1] == "stop"
+
+
 def test_left_padded_batches_equal_one_at_a_time(tiny):
     model, tokenizer = tiny
     prompts = [format_prompt(*pair) for pair in INSTRUCTIONS]
