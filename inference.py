@@ -238,7 +238,12 @@ def stream_completion(
 ) -> Iterator[tuple[str, str | None]]:
     """Complete one raw prompt, yielding `(new_text, None)` as tokens arrive and finally
     `(last_text, finish_reason)`: the pieces add up to `complete_batch`'s text for the same
-    prompt. Closing the iterator early stops the generation."""
+    prompt. Closing the iterator early stops the generation. Beam search knows its best beam only
+    at the end, so with `num_beams` above 1 the text comes in one piece."""
+    if decoding.get("num_beams", 1) > 1:
+        completion = complete_batch(model, tokenizer, [prompt], max_new_tokens, stop, **decoding)[0]
+        yield completion.text, completion.finish_reason
+        return
     prompt_ids = tokenizer(prompt)["input_ids"]
     streamer, cancelled, errors = TokenQueue(), threading.Event(), []
 
@@ -291,10 +296,6 @@ def stripped(chunks: Iterator[tuple[str, str | None]]) -> Iterator[tuple[str, st
 def print_response(model, tokenizer, instruction: str, input: str | None, max_new_tokens: int, **decoding) -> str:
     """Generate the response to one instruction, printing it as it comes; returns it."""
     prompt = format_prompt(instruction, input)
-    if decoding.get("num_beams", 1) > 1:  # beam search cannot stream: it picks the best beam at the end
-        response = complete_batch(model, tokenizer, [prompt], max_new_tokens, **decoding)[0].text.strip()
-        print(response, flush=True)
-        return response
     pieces = []
     for delta, _ in stripped(stream_completion(model, tokenizer, prompt, max_new_tokens, **decoding)):
         print(delta, end="", flush=True)
@@ -747,7 +748,7 @@ def main(
         temperature: 0 is greedy decoding; above 0 samples.
         top_p: nucleus sampling mass (when sampling).
         top_k: sample among the k most likely tokens only; 0 is no limit (when sampling).
-        num_beams: beam search width; above 1 disables streaming in the terminal.
+        num_beams: beam search width; above 1 the response is shown (or streamed) whole at the end.
         repetition_penalty: above 1 discourages repeating tokens.
         seed: random seed, for reproducible sampling.
         batch_size: prompts generated together in batch mode and per server request.

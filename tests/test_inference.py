@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ROOT, build_tiny_llama
-from inference import complete_batch, load_model, stream_completion
+from inference import complete_batch, decoding_kwargs, load_model, stream_completion
 from utils import format_prompt, jdump, jload
 
 INSTRUCTIONS = [
@@ -140,6 +140,15 @@ def test_stops_at_the_end_token_training_appended(tmp_path):
     assert completion.completion_tokens == new.index(tokenizer.eos_token_id)
     streamed = list(stream_completion(model, tokenizer, prompt, 12))
     assert "".join(delta for delta, _ in streamed) == completion.text and streamed[-1][1] == "stop"
+
+
+def test_beam_search_streams_its_text_in_one_piece(tiny):
+    # Beam search knows its best beam only at the end; the server's streams (and so the web
+    # page) must still work when it runs with --num_beams.
+    model, tokenizer = tiny
+    prompt, decoding = format_prompt(*INSTRUCTIONS[2]), decoding_kwargs(num_beams=3)
+    whole = complete_batch(model, tokenizer, [prompt], 12, **decoding)[0]
+    assert list(stream_completion(model, tokenizer, prompt, 12, **decoding)) == [(whole.text, whole.finish_reason)]
 
 
 def test_left_padded_batches_equal_one_at_a_time(tiny):
