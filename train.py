@@ -346,17 +346,22 @@ def smart_tokenizer_and_embedding_resize(
     special_tokens: dict[str, str], tokenizer: transformers.PreTrainedTokenizerBase, model: transformers.PreTrainedModel
 ) -> int:
     """Add special tokens; when that grows the vocabulary, grow the input and output embeddings
-    and set each new row to the mean of the old rows. Returns the number of tokens added."""
+    and set each new token's row to the mean of the old tokens' rows. Returns the number of
+    tokens added."""
     num_new_tokens = tokenizer.add_special_tokens(special_tokens)
     if num_new_tokens == 0:
         return 0
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    old_vocab_size = len(tokenizer) - num_new_tokens
+    # Some checkpoints pad the embedding matrix beyond the vocabulary: never shrink it, the new
+    # ids may already have (unused) rows.
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     weights = [model.get_input_embeddings().weight]
     if model.get_output_embeddings() is not None and model.get_output_embeddings().weight is not weights[0]:
         weights.append(model.get_output_embeddings().weight)
     with _gathered(weights), torch.no_grad():
         for weight in weights:
-            weight[-num_new_tokens:] = weight[:-num_new_tokens].mean(dim=0, keepdim=True)
+            weight[old_vocab_size : len(tokenizer)] = weight[:old_vocab_size].mean(dim=0, keepdim=True)
     return num_new_tokens
 
 

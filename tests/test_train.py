@@ -401,6 +401,16 @@ def test_present_special_tokens_leave_the_model_untouched(tiny_llama_dir):
     torch.testing.assert_close(model.get_input_embeddings().weight, before, rtol=0, atol=0)
 
 
+def test_a_padded_embedding_matrix_is_not_shrunk(tmp_path):
+    model, tokenizer = build_tiny_llama(tmp_path, vocab_size=416)  # 400 tokens, 16 spare rows
+    old = model.get_input_embeddings().weight.detach().clone()
+    assert train.smart_tokenizer_and_embedding_resize({"pad_token": "[PAD]"}, tokenizer, model) == 1
+    weight = model.get_input_embeddings().weight
+    assert weight.shape == old.shape and tokenizer.pad_token_id == 400
+    torch.testing.assert_close(weight[400], old[:400].mean(dim=0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(weight[401:], old[401:], rtol=0, atol=0)
+
+
 def test_tied_embeddings_get_one_mean_row(tmp_path):
     model, tokenizer = build_tiny_llama(tmp_path, tie_word_embeddings=True)
     old = model.get_input_embeddings().weight.detach().clone()
