@@ -228,11 +228,11 @@ class OpenAIServer:
                     payload = {"id": "cmpl-test", "object": "text_completion", "created": int(time.time()), "model": request["model"]}
                     if server.prompt_list_as_array and isinstance(request.get("prompt"), list):
                         # llama-server: one whole completion object per prompt, usage split likewise.
-                        per_prompt = [
-                            {**payload, "choices": [choice], "usage": {"prompt_tokens": len(p.split()), "completion_tokens": len(choice["text"].split()),
-                                                                      "total_tokens": len(p.split()) + len(choice["text"].split())}}
-                            for p, choice in zip(prompts, choices)
-                        ]  # fmt: skip
+                        per_prompt = []
+                        for prompt, choice in zip(prompts, choices):
+                            used, written = len(prompt.split()), len(choice["text"].split())
+                            usage = {"prompt_tokens": used, "completion_tokens": written, "total_tokens": used + written}
+                            per_prompt.append({**payload, "choices": [choice], "usage": usage})
                         return self._send(200, per_prompt)
                 else:
                     (text, finish), = outputs
@@ -269,12 +269,19 @@ def _context_length_message(style: str, context: int, prompt_tokens: int, max_to
     exceed the context."""
     if style == "vllm":
         if prompt_tokens >= context:
-            return (f"This model's maximum context length is {context} tokens. However, your request has {prompt_tokens} "
-                    "input tokens. Please reduce the length of the input messages.")  # fmt: skip
-        return (f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's maximum context length is "
-                f"{context} tokens and your request has {prompt_tokens} input tokens ({max_tokens} > {context} - {prompt_tokens}).")  # fmt: skip
-    return (f"This model's maximum context length is {context} tokens, however you requested {prompt_tokens + max_tokens} "
-            f"tokens ({prompt_tokens} in your prompt; {max_tokens} for the completion). Please reduce your prompt; or completion length.")  # fmt: skip
+            return (
+                f"This model's maximum context length is {context} tokens. However, your request has "
+                f"{prompt_tokens} input tokens. Please reduce the length of the input messages."
+            )
+        return (
+            f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's maximum context "
+            f"length is {context} tokens and your request has {prompt_tokens} input tokens "
+            f"({max_tokens} > {context} - {prompt_tokens})."
+        )
+    return (
+        f"This model's maximum context length is {context} tokens, however you requested {prompt_tokens + max_tokens} "
+        f"tokens ({prompt_tokens} in your prompt; {max_tokens} for the completion). Please reduce your prompt; or completion length."
+    )
 
 
 def _finish(text: str, stop: list[str] | str | None, max_tokens: int) -> tuple[str, str]:
