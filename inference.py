@@ -626,8 +626,8 @@ class RequestHandler(BaseHTTPRequestHandler):
         header = {"id": f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex}",
                   "created": int(time.time()), "model": self.server.model_id}
         with self.server.lock:
-            if sampling["seed"] is not None:
-                transformers.set_seed(sampling["seed"])
+            if sampling["seed"] is not None:  # any integer, as OpenAI takes; numpy's seeds are 32-bit
+                transformers.set_seed(sampling["seed"] % 2**32)
             if sampling["stream"]:
                 self.stream(kind, header, expanded, max_tokens, sampling)
                 return

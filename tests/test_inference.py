@@ -58,9 +58,13 @@ def reference_response(model_dir, instruction: str, input: str = "", max_new_tok
 @pytest.fixture(scope="module")
 def served_dir(tmp_path_factory):
     """The tiny model with a 4096-token context (generate_instruction.py's prompts take about
-    1,500 tokens of the tiny tokenizer); the server tests use it."""
+    1,500 tokens of the tiny tokenizer) and a tokenizer like SmolLM2's: no beginning-of-sequence
+    token, and padding with the end-of-sequence token. The server tests use it."""
+    from transformers import LlamaTokenizer
+
     directory = tmp_path_factory.mktemp("served") / "tiny-served"
     build_tiny_llama(directory, max_position_embeddings=4096)
+    LlamaTokenizer.from_pretrained(str(directory), add_bos_token=False, pad_token="</s>").save_pretrained(str(directory))
     return directory
 
 
@@ -296,7 +300,7 @@ def test_completions_streaming_and_seeded_sampling(client, tiny):
         return client.completions.create(model="tiny", prompt="The cat", max_tokens=12, temperature=1.0,
                                          top_p=0.9, seed=seed).choices[0].text
 
-    assert sample(7) == sample(7)
+    assert sample(7) == sample(7) and sample(-1) == sample(-1)  # any integer is a seed, as with OpenAI
     assert len({sample(seed) for seed in range(4)}) > 1
 
 
