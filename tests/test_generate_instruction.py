@@ -413,7 +413,8 @@ def test_prompt_longer_than_the_context_fails_alone(files, tmp_path, wording):
     with OpenAIServer(max_context=250, context_message=wording) as server:
         kept = generate(server, files, tmp_path / "out", num_instructions_to_generate=30, request_batch_size=1)
     assert len(kept) >= 30
-    counts, summary = summary_of(tmp_path / "out")["counts"], summary_of(tmp_path / "out")
+    summary = summary_of(tmp_path / "out")
+    counts = summary["counts"]
     too_long = [r for r in server.requests if "word word word" in r["body"]["prompt"]]
     assert counts["failed_requests"] >= 1 and len(too_long) == counts["failed_requests"]
     short_prompt_tokens = max(len(r["body"]["prompt"].split()) for r in server.requests if r not in too_long)
