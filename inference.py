@@ -521,7 +521,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             raise RequestError(f"the body must be at most {MAX_BODY_BYTES} bytes", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
         try:
             body = json.loads(self.rfile.read(int(length)))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:  # the last: nested too deep
             raise RequestError(f"the body is not valid JSON: {error}") from None
         if not isinstance(body, dict):
             raise RequestError("the body must be a JSON object")

@@ -382,6 +382,7 @@ def post(server: str, path: str, body: bytes, headers: dict | None = None) -> tu
     ("/v1/completions", b"[1, 2]", 400, "must be a JSON object"),
     ("/v1/completions", b'{"max_tokens": 4}', 400, "'prompt' is required"),
     ("/v1/completions", b'{"prompt": [1, 2, 3]}', 400, "'prompt' is required"),
+    ("/v1/completions", b"[" * 100_000, 400, "not valid JSON"),
     ("/v1/completions", b'{"prompt": "hi", "temperature": "hot"}', 400, "'temperature' must be"),
     ("/v1/completions", b'{"prompt": "hi", "max_tokens": 0}', 400, "'max_tokens' must be"),
     ("/v1/completions", b'{"prompt": "hi", "n": 1000}', 400, "'n' must be"),
