@@ -11,6 +11,7 @@ Prompts use the Alpaca template from utils.py, the one training used.
 import collections
 import contextlib
 import json
+import math
 import os
 import queue
 import sys
@@ -466,6 +467,8 @@ def get_field(body: dict, name: str, kind: type | tuple, default: Any, low: floa
     if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
         expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
         raise RequestError(f"'{name}' must be {expected}, got {json.dumps(value)[:100]}")
+    if isinstance(value, float) and not math.isfinite(value):  # Python's JSON parser reads NaN and Infinity
+        raise RequestError(f"'{name}' must be a finite number, got {value}")
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
         raise RequestError(f"'{name}' must be {bounds}, got {value}")
