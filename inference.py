@@ -586,19 +586,23 @@ class RequestHandler(BaseHTTPRequestHandler):
             decoding=decoding,
         )
 
-    def check_length(self, prompt: str, max_tokens: int) -> int:
-        """`max_tokens` cut to what fits in the model's context after the prompt; a prompt that
-        leaves no room is refused."""
-        tokens = len(self.server.tokenizer(prompt)["input_ids"])
+    def check_length(self, prompts: list[str], max_tokens: int) -> int:
+        """`max_tokens` cut to what fits in the model's context after every prompt; a prompt that
+        leaves no room, or has no token at all, is refused."""
         context = context_length(self.server.model)
-        if tokens >= context:
-            # OpenAI's wording and code, which clients parse to shorten their requests.
-            raise RequestError(
-                f"This model's maximum context length is {context} tokens, however you requested "
-                f"{tokens + 1} tokens ({tokens} in your prompt; 1 for the completion). "
-                "Please reduce the length of the prompt.", code="context_length_exceeded",
-            )
-        return min(max_tokens, context - tokens)
+        for number, prompt in enumerate(prompts):
+            tokens = len(self.server.tokenizer(prompt)["input_ids"])
+            if tokens == 0:  # possible where the tokenizer adds no beginning-of-sequence token
+                raise RequestError(f"prompt {number} is empty: there is nothing for the model to continue")
+            if tokens >= context:
+                # OpenAI's wording and code, which clients parse to shorten their requests.
+                raise RequestError(
+                    f"This model's maximum context length is {context} tokens, however you requested "
+                    f"{tokens + 1} tokens ({tokens} in your prompt; 1 for the completion). "
+                    "Please reduce the length of the prompt.", code="context_length_exceeded",
+                )
+            max_tokens = min(max_tokens, context - tokens)
+        return max_tokens
 
     def completions(self, body: dict) -> None:
         prompts = body.get("prompt")
@@ -623,7 +627,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.respond("chat.completion", [format_prompt(instruction, input)], sampling)
 
     def respond(self, kind: str, prompts: list[str], sampling: dict) -> None:
-        max_tokens = min(self.check_length(prompt, sampling["max_tokens"]) for prompt in prompts)
+        max_tokens = self.check_length(prompts, sampling["max_tokens"])
         # Choice i * n + j is the j-th completion of prompt i, as in the OpenAI API.
         expanded = [prompt for prompt in prompts for _ in range(sampling["n"])]
         header = {"id": f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex}",

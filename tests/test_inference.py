@@ -383,6 +383,8 @@ def post(server: str, path: str, body: bytes, headers: dict | None = None) -> tu
     ("/v1/completions", b'{"max_tokens": 4}', 400, "'prompt' is required"),
     ("/v1/completions", b'{"prompt": [1, 2, 3]}', 400, "'prompt' is required"),
     ("/v1/completions", b"[" * 100_000, 400, "not valid JSON"),
+    ("/v1/completions", b'{"prompt": ""}', 400, "prompt 0 is empty"),
+    ("/v1/completions", b'{"prompt": ["hi", ""]}', 400, "prompt 1 is empty"),
     ("/v1/completions", b'{"prompt": "hi", "temperature": "hot"}', 400, "'temperature' must be"),
     ("/v1/completions", b'{"prompt": "hi", "temperature": 1, "top_p": NaN}', 400, "'top_p' must be a finite number"),
     ("/v1/completions", b'{"prompt": "hi", "max_tokens": 0}', 400, "'max_tokens' must be"),
