@@ -392,6 +392,7 @@ def run_batch(
 
 MAX_BODY_BYTES = 1 << 20
 MAX_N = 16
+UNSUPPORTED_FIELDS = ("logprobs", "top_logprobs", "echo", "suffix")
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Alpaca</title>
@@ -563,6 +564,10 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def sampling(self, body: dict, max_tokens_names: Sequence[str]) -> dict:
         """The decoding settings of a request; the server's command-line flags are the defaults."""
+        for name in UNSUPPORTED_FIELDS:
+            # Answering without what they ask for would hand the client a reply it cannot use.
+            if body.get(name) not in (None, False, ""):
+                raise RequestError(f"'{name}' is not supported by this server")
         max_tokens = self.server.max_new_tokens
         for name in max_tokens_names:
             max_tokens = get_field(body, name, int, max_tokens, low=1)

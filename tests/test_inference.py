@@ -387,6 +387,8 @@ def post(server: str, path: str, body: bytes, headers: dict | None = None) -> tu
     ("/v1/completions", b'{"prompt": ["hi", ""]}', 400, "prompt 1 is empty"),
     ("/v1/completions", b'{"prompt": "hi", "temperature": "hot"}', 400, "'temperature' must be"),
     ("/v1/completions", b'{"prompt": "hi", "temperature": 1, "top_p": NaN}', 400, "'top_p' must be a finite number"),
+    ("/v1/completions", b'{"prompt": "hi", "logprobs": 2}', 400, "'logprobs' is not supported"),
+    ("/v1/completions", b'{"prompt": "hi", "echo": true}', 400, "'echo' is not supported"),
     ("/v1/completions", b'{"prompt": "hi", "max_tokens": 0}', 400, "'max_tokens' must be"),
     ("/v1/completions", b'{"prompt": "hi", "n": 1000}', 400, "'n' must be"),
     ("/v1/completions", b'{"prompt": "hi", "stop": [1]}', 400, "'stop' must be"),
@@ -394,6 +396,8 @@ def post(server: str, path: str, body: bytes, headers: dict | None = None) -> tu
     ("/v1/chat/completions", b'{"model": "tiny"}', 400, "'messages' is required"),
     ("/v1/chat/completions", b'{"messages": [{"role": "system", "content": "x"}]}', 400, "no message with role"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": 5}]}', 400, "'content' must be"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "logprobs": true}', 400,
+     "'logprobs' is not supported"),
     ("/v1/nothing", b"{}", 404, "no such path"),
 ])
 def test_bad_requests_get_4xx_with_a_message(server, path, body, status, message):
