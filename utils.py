@@ -76,3 +76,9 @@ def write_text_atomically(text: str, path: str) -> None:
     except BaseException:
         os.unlink(temporary)
         raise
+    # The rename is durable only once the directory entry is on disk too.
+    directory_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(directory_fd)
+    finally:
+        os.close(directory_fd)
