@@ -560,6 +560,11 @@ class RequestHandler(BaseHTTPRequestHandler):
             traceback.print_exc()
             self.send_error_json(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(error).__name__}: {error}")
 
+    def method_not_allowed(self) -> None:
+        self.send_error_json(HTTPStatus.METHOD_NOT_ALLOWED, f"{self.command} is not allowed: use GET or POST")
+
+    do_PUT = do_DELETE = do_PATCH = method_not_allowed
+
     # --- the OpenAI API
 
     def sampling(self, body: dict, max_tokens_names: Sequence[str]) -> dict:

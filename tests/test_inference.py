@@ -405,6 +405,15 @@ def test_bad_requests_get_4xx_with_a_message(server, path, body, status, message
     assert code == status and message in reply["error"]["message"]
 
 
+def test_other_methods_are_not_allowed(server):
+    host, port = server.removeprefix("http://").split(":")
+    for method in ("PUT", "DELETE", "PATCH"):
+        connection = http.client.HTTPConnection(host, int(port), timeout=60)
+        connection.request(method, "/v1/completions", body=b"{}")
+        reply = connection.getresponse()
+        assert reply.status == 405 and "use GET or POST" in json.loads(reply.read())["error"]["message"]
+
+
 def test_oversized_body_and_client_errors_through_openai(server, client):
     code, reply = post(server, "/v1/completions", b"{}", headers={"Content-Length": str(10 ** 8)})
     assert code == 413 and "at most" in reply["error"]["message"]
