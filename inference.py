@@ -343,9 +343,9 @@ def record_key(record: dict) -> tuple[str, str]:
     return record["instruction"], record.get("input") or ""
 
 
-def load_batch(input_file: str, output_file: str) -> tuple[list[dict], dict[int, dict]]:
-    """The records of `input_file`, and the responses already in `output_file` by record index
-    (matched by instruction and input, duplicates in order)."""
+def load_batch(input_file: str, output_file: str, generator: str) -> tuple[list[dict], dict[int, dict]]:
+    """The records of `input_file`, and the responses `generator` already wrote to `output_file`,
+    by record index (matched by instruction and input, duplicates in order)."""
     records = read_instructions(input_file)
     done: dict[int, dict] = {}
     if os.path.exists(output_file):
@@ -358,8 +358,17 @@ def load_batch(input_file: str, output_file: str) -> tuple[list[dict], dict[int,
                     f"{output_file}: record {number} is not a response to a record of {input_file}; "
                     "choose another --output_file"
                 )
+            if record.get("generator") != generator:
+                raise UsageError(
+                    f"{output_file}: record {number} was written by generator {record.get('generator')!r}, "
+                    f"not {generator!r}; choose another --output_file (or --generator)"
+                )
             done[positions[record_key(record)].popleft()] = record
     return records, done
+
+
+def write_outputs(done: dict[int, dict], output_file: str) -> None:
+    jdump([done[index] for index in sorted(done)], output_file)
 
 
 def run_batch(
@@ -374,7 +383,6 @@ def run_batch(
     # for memory fails at once rather than at the end.
     prompts = {index: format_prompt(records[index]["instruction"], records[index].get("input")) for index in todo}
     todo.sort(key=lambda index: -len(prompts[index]))
-    print(f"{len(done)} of {len(records)} records already in {output_file}; generating {len(todo)}", file=sys.stderr)
     with tqdm(total=len(todo), desc="generating", unit="record") as progress:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
@@ -383,7 +391,7 @@ def run_batch(
                 record = records[index]
                 done[index] = {**record, "input": record.get("input") or "", "output": completion.text.strip(),
                                "generator": generator}
-            jdump([done[index] for index in sorted(done)], output_file)
+            write_outputs(done, output_file)
             progress.update(len(chunk))
 
 
@@ -757,7 +765,7 @@ def main(
         lora_weights: a LoRA adapter directory (train.py --use_lora) to apply to the model.
         input_file: a JSON or JSON Lines list of {instruction, input?} records.
         output_file: where batch mode writes {instruction, input, output, generator} records;
-            records already there are kept and skipped (restartable).
+            records the same generator already wrote there are kept and skipped (restartable).
         serve: run the HTTP server (OpenAI /v1/completions, /v1/chat/completions; a page at /).
         host: address to listen on; 127.0.0.1 keeps the server private to this machine.
         port: port to listen on (0 picks a free one).
@@ -780,13 +788,17 @@ def main(
         raise UsageError("use either --instruction or --input_file")
     if input is not None and instruction is None:
         raise UsageError("--input needs --instruction")
-    if input_file is not None:  # a bad file is reported before the model loads
-        records, done = load_batch(input_file, output_file)
+    name = os.path.basename(os.path.normpath(lora_weights or model_name_or_path))
+    if input_file is not None:  # a bad file is reported, and a finished one written, before the model loads
+        records, done = load_batch(input_file, output_file, generator or name)
+        print(f"{len(done)} of {len(records)} records already in {output_file}", file=sys.stderr)
+        if len(done) == len(records):
+            write_outputs(done, output_file)
+            return
     if seed is not None:
         transformers.set_seed(seed)
     model, tokenizer = load_model(model_name_or_path, lora_weights, dtype)
     decoding = decoding_kwargs(temperature, top_p, top_k, num_beams, repetition_penalty)
-    name = os.path.basename(os.path.normpath(lora_weights or model_name_or_path))
     if serve:
         defaults = dict(temperature=temperature, top_p=top_p, top_k=top_k, num_beams=num_beams,
                         repetition_penalty=repetition_penalty)

@@ -236,6 +236,30 @@ def test_batch_file_errors_name_the_file_and_record(tiny_llama_dir, tmp_path):
     assert result.returncode != 0 and f"{output_file}: record 0 is not a response" in result.stderr.decode()
     assert output_file.read_bytes() == before
 
+    # Nor are the responses of another model (another --generator) this run's to keep.
+    jdump([{"instruction": "Fine.", "input": "", "output": "x", "generator": "another-model"}], output_file)
+    before = output_file.read_bytes()
+    result = run_inference("--model_name_or_path", tiny_llama_dir, "--input_file", input_file,
+                           "--output_file", output_file, check=False)
+    message = f"{output_file}: record 0 was written by generator 'another-model', not '{tiny_llama_dir.name}'"
+    assert result.returncode != 0 and message in result.stderr.decode()
+    assert output_file.read_bytes() == before
+
+
+def test_batch_with_nothing_to_generate_writes_the_output_without_loading_the_model(tmp_path):
+    input_file, output_file = tmp_path / "eval.json", tmp_path / "outputs.json"
+    jdump([], input_file)
+    # No model there: nothing is generated, so it is not loaded.
+    run_inference("--model_name_or_path", tmp_path / "absent", "--input_file", input_file, "--output_file", output_file)
+    assert jload(output_file) == []
+
+    jdump([{"instruction": "Done."}], input_file)
+    done = [{"instruction": "Done.", "input": "", "output": "yes", "generator": "absent"}]
+    jdump(done, output_file)
+    result = run_inference("--model_name_or_path", tmp_path / "absent", "--input_file", input_file,
+                           "--output_file", output_file)
+    assert jload(output_file) == done and "1 of 1 records already" in result.stderr.decode()
+
 
 # --- the server -------------------------------------------------------------------------------
 
