@@ -174,26 +174,26 @@ def test_interactive_loop_until_end_of_file(tiny_llama_dir):
     assert result.stderr.decode().count("Instruction: ") == 3  # the third one met end of file
 
 
-def test_lora_adapter_is_applied(tiny_llama_dir, tmp_path):
-    import peft
-
-    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir))
-    config = peft.LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj", "down_proj"],
-                             init_lora_weights=False, task_type="CAUSAL_LM")
-    torch.manual_seed(1)
-    adapted = peft.get_peft_model(base, config)
-    adapted.save_pretrained(str(tmp_path / "adapter"))
-    merged_dir = tmp_path / "merged"
-    adapted.merge_and_unload().save_pretrained(str(merged_dir))
-    for name in os.listdir(tiny_llama_dir):
-        if name.startswith("tokenizer") or name == "special_tokens_map.json":
-            shutil.copy(tiny_llama_dir / name, merged_dir / name)
+def test_lora_adapter_trained_by_train_py(tiny_llama_dir, tmp_path):
+    # train.py adds a [PAD] token to this tokenizer, so the adapter folder holds the tokenizer and
+    # the resized embeddings; --merge_lora also saves the merged model to compare with.
+    data = tmp_path / "data.json"
+    jdump([{"instruction": i, "input": x, "output": "The quick brown fox jumps over the lazy dog."}
+           for i, x in INSTRUCTIONS], data)
+    adapter = tmp_path / "adapter"
+    command = [sys.executable, str(ROOT / "train.py"), "--model_name_or_path", tiny_llama_dir, "--data_path", data,
+               "--output_dir", adapter, "--use_lora", "True", "--lora_target_modules", "q_proj,v_proj,down_proj",
+               "--merge_lora", "True", "--max_steps", 3, "--learning_rate", 5e-2, "--per_device_train_batch_size", 5,
+               "--save_strategy", "no", "--report_to", "none"]
+    result = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert AutoTokenizer.from_pretrained(str(adapter)).pad_token == "[PAD]"
 
     instruction = INSTRUCTIONS[0][0]
-    result = run_inference("--model_name_or_path", tiny_llama_dir, "--lora_weights", tmp_path / "adapter",
+    result = run_inference("--model_name_or_path", tiny_llama_dir, "--lora_weights", adapter,
                            "--instruction", instruction, "--max_new_tokens", 24)
     with_adapter = result.stdout.rstrip("\n")
-    assert with_adapter == reference_response(merged_dir, instruction)
+    assert with_adapter == reference_response(adapter / "merged", instruction)
     assert with_adapter != reference_response(tiny_llama_dir, instruction)
 
 
