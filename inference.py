@@ -294,15 +294,12 @@ def stripped(chunks: Iterator[tuple[str, str | None]]) -> Iterator[tuple[str, st
 # Command line: one instruction, interactive loop, batch over a file
 
 
-def print_response(model, tokenizer, instruction: str, input: str | None, max_new_tokens: int, **decoding) -> str:
-    """Generate the response to one instruction, printing it as it comes; returns it."""
+def print_response(model, tokenizer, instruction: str, input: str | None, max_new_tokens: int, **decoding) -> None:
+    """Generate the response to one instruction, printing it as it comes."""
     prompt = format_prompt(instruction, input)
-    pieces = []
     for delta, _ in stripped(stream_completion(model, tokenizer, prompt, max_new_tokens, **decoding)):
         print(delta, end="", flush=True)
-        pieces.append(delta)
     print(flush=True)
-    return "".join(pieces)
 
 
 def interactive(model, tokenizer, max_new_tokens: int, **decoding) -> None:
@@ -511,13 +508,15 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     # --- plumbing
 
-    def send_json(self, payload: dict, status: int = HTTPStatus.OK) -> None:
-        body = json.dumps(payload).encode()
+    def send_body(self, status: int, content_type: str, body: bytes) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def send_json(self, payload: dict, status: int = HTTPStatus.OK) -> None:
+        self.send_body(status, "application/json", json.dumps(payload).encode())
 
     def send_error_json(self, status: int, message: str, code: str | None = None) -> None:
         kind = "invalid_request_error" if status < 500 else "server_error"
@@ -541,12 +540,7 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         if self.path == "/":
-            page = PAGE.encode()
-            self.send_response(HTTPStatus.OK)
-            self.send_header("Content-Type", "text/html; charset=utf-8")
-            self.send_header("Content-Length", str(len(page)))
-            self.end_headers()
-            self.wfile.write(page)
+            self.send_body(HTTPStatus.OK, "text/html; charset=utf-8", PAGE.encode())
         elif self.path == "/v1/models":
             self.send_json({"object": "list", "data": [
                 {"id": self.server.model_id, "object": "model", "created": 0, "owned_by": "local"}]})
@@ -695,10 +689,10 @@ class RequestHandler(BaseHTTPRequestHandler):
                 with contextlib.closing(generation):
                     if chat:
                         send({"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
-                    for delta, reason in stripped(generation) if chat else generation:
-                        if chat:
+                        for delta, reason in stripped(generation):
                             send({"index": index, "delta": {"content": delta} if delta else {}, "finish_reason": reason})
-                        else:
+                    else:
+                        for delta, reason in generation:
                             send({"index": index, "text": delta, "logprobs": None, "finish_reason": reason})
         except (BrokenPipeError, ConnectionResetError):
             raise
