@@ -1,7 +1,8 @@
 """inference.py on a tiny random LLaMA: the command line (one-shot, interactive, batch, LoRA),
 and the HTTP server through the real openai client, raw HTTP and a real headless browser.
 
-Budget: under 3 minutes on 2 CPU cores (about ten subprocesses that load the tiny model)."""
+Budget: about 1 minute on 2 CPU cores (about a dozen subprocesses that load the tiny model, one
+train.py run, a headless Chromium)."""
 import http.client
 import json
 import os
