@@ -14,6 +14,7 @@ import json
 import os
 import pathlib
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -38,7 +39,7 @@ def step(number: int, title: str) -> None:
     print(f"\n== [{number}/5] {title}", flush=True)
 
 
-def run(arguments: list, log: pathlib.Path | None = None) -> None:
+def run(arguments: list[str | os.PathLike | int | float], log: pathlib.Path | None = None) -> None:
     """Run one of the project's scripts as a user would, echoing the command first."""
     command = [sys.executable, *map(str, arguments)]
     print("$ " + shlex.join(["python", *map(str, arguments)]), flush=True)
@@ -69,6 +70,7 @@ def wait_until_serving(url: str, server: subprocess.Popen, log: pathlib.Path, ti
 
 
 def generate_with_base_model(base: str, out: pathlib.Path, requests: int, max_tokens: int) -> None:
+    shutil.rmtree(out / "generate", ignore_errors=True)  # a fresh run, not a resumed one
     port = free_port()
     api_base = f"http://127.0.0.1:{port}/v1"
     log = out / "server.log"

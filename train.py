@@ -365,6 +365,19 @@ def smart_tokenizer_and_embedding_resize(
     return num_new_tokens
 
 
+def set_special_token_ids(model: transformers.PreTrainedModel, tokenizer: transformers.PreTrainedTokenizerBase) -> None:
+    """Save the pad id with the model, and make generation stop at the EOS that training
+    appends (it may be a token just added, unknown to the checkpoint's generation config)."""
+    model.config.pad_token_id = tokenizer.pad_token_id
+    generation = model.generation_config
+    if generation is None:
+        return
+    generation.pad_token_id = tokenizer.pad_token_id
+    eos_ids = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
+    if tokenizer.eos_token_id not in eos_ids:
+        generation.eos_token_id = [i for i in eos_ids if i is not None] + [tokenizer.eos_token_id]
+
+
 def _gathered(params):
     """Under DeepSpeed ZeRO-3 parameters are partitioned: gather them (rank 0 edits) first."""
     from transformers.integrations import is_deepspeed_zero3_enabled
@@ -525,11 +538,9 @@ def train(argv: Sequence[str] | None = None) -> transformers.Trainer:
         padding_side="right",
     )
     smart_tokenizer_and_embedding_resize(missing_special_tokens(tokenizer), tokenizer, model)
-    model.config.pad_token_id = tokenizer.pad_token_id
+    set_special_token_ids(model, tokenizer)
     if training_args.padding_free:
         check_padding_free_support(model)
-    if model.generation_config is not None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
     if training_args.use_lora:
         model = add_lora(model, training_args)
 

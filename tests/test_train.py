@@ -85,6 +85,17 @@ def test_overfit_loss_halves_and_saved_model_gives_same_logits(tiny_llama_dir, d
     torch.testing.assert_close(logits(out), expected, rtol=0, atol=0)
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     assert tokenizer.pad_token == "[PAD]" and reloaded.config.pad_token_id == tokenizer.pad_token_id
+    generation = transformers.GenerationConfig.from_pretrained(out)
+    assert generation.pad_token_id == tokenizer.pad_token_id and tokenizer.eos_token_id in [generation.eos_token_id]
+
+
+def test_a_new_eos_token_becomes_a_generation_stop(tmp_path):
+    model, tokenizer = build_tiny_llama(tmp_path)
+    tokenizer.eos_token = ""
+    train.smart_tokenizer_and_embedding_resize({"pad_token": "[PAD]", "eos_token": "<|end|>"}, tokenizer, model)
+    train.set_special_token_ids(model, tokenizer)
+    assert model.generation_config.eos_token_id == [2, tokenizer.convert_tokens_to_ids("<|end|>")]
+    assert model.generation_config.pad_token_id == model.config.pad_token_id == tokenizer.pad_token_id
 
 
 def test_torchrun_fsdp_with_the_original_readme_flags(tiny_llama_dir, data_file, tmp_path):
