@@ -351,7 +351,6 @@ def smart_tokenizer_and_embedding_resize(
     num_new_tokens = tokenizer.add_special_tokens(special_tokens)
     if num_new_tokens == 0:
         return 0
-    old_vocab_size = len(tokenizer) - num_new_tokens
     # Some checkpoints pad the embedding matrix beyond the vocabulary: never shrink it, the new
     # ids may already have (unused) rows.
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
@@ -361,8 +360,16 @@ def smart_tokenizer_and_embedding_resize(
         weights.append(model.get_output_embeddings().weight)
     with _gathered(weights), torch.no_grad():
         for weight in weights:
-            weight[old_vocab_size : len(tokenizer)] = weight[:old_vocab_size].mean(dim=0, keepdim=True)
+            init_new_rows_to_mean(weight, num_new_tokens, len(tokenizer))
     return num_new_tokens
+
+
+def init_new_rows_to_mean(weight: torch.Tensor, num_new_rows: int, vocab_size: int | None = None) -> None:
+    """Set the rows of the `num_new_rows` tokens just added, the last ones of a vocabulary of
+    `vocab_size` (by default every row of `weight`), to the mean of the rows before them.
+    weight_diff.py uses it too, so a recovered model gets exactly the rows training gave."""
+    end = weight.shape[0] if vocab_size is None else vocab_size
+    weight[end - num_new_rows : end] = weight[: end - num_new_rows].mean(dim=0, keepdim=True)
 
 
 def set_special_token_ids(model: transformers.PreTrainedModel, tokenizer: transformers.PreTrainedTokenizerBase) -> None:

@@ -41,6 +41,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 import train
+from train import init_new_rows_to_mean
 import utils
 
 MANIFEST_NAME = "weight_diff_manifest.json"
@@ -341,13 +342,6 @@ class ShardedSafetensorsWriter:
 
 # ---------------------------------------------------------------------------------------------
 # The arithmetic and the checks shared by make_diff and recover
-
-
-def init_new_rows_to_mean(weight: torch.Tensor, num_new_rows: int) -> None:
-    """Set the last `num_new_rows` rows of an embedding matrix just grown for added tokens to
-    the mean of the rows before them: how fine-tuning initialises them (train.py's
-    smart_tokenizer_and_embedding_resize, applied to one float32 matrix)."""
-    weight[-num_new_rows:] = weight[:-num_new_rows].mean(dim=0, keepdim=True)
 
 
 def pair_checkpoints(
