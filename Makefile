@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 # The embedded demo model and other downloads are cached here, shared by the demo and the tests.
 export ALPACA_CACHE ?= $(CURDIR)/.cache/alpaca
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test test-fast lint demo bench clean
 
 setup: $(STAMP)
 
@@ -28,11 +28,20 @@ $(STAMP): requirements.txt requirements-dev.txt
 test: setup
 	$(PY) -m pytest tests
 
+# The quick tier: every script's quick tests, without the slow, multi-process, browser and
+# download tests (markers in pyproject.toml).
+test-fast: setup
+	$(PY) -m pytest tests -m "not slow and not distributed and not browser and not network"
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
 demo: setup
 	$(PY) demo.py
 
 bench: setup
-	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	@for b in bench/bench_*.py; do m=$$(basename $$b .py); echo "== $$b"; $(PY) -m bench.$$m || exit 1; done
 
 clean:
 	rm -rf $(VENV) demo_output

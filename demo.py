@@ -21,8 +21,6 @@ import sys
 import time
 import urllib.request
 
-import fire
-
 import utils
 from embedded_model import embedded_model_path
 
@@ -174,4 +172,4 @@ def main(demo_dir: str = "demo_output", quick: bool = False, cache_dir: str | No
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    utils.run_fire(main)

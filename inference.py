@@ -8,6 +8,8 @@ or an HTTP server that speaks the OpenAI completions and chat API and serves a s
 
 Prompts use the Alpaca template from utils.py, the one training used.
 """
+
+from __future__ import annotations
 import collections
 import contextlib
 import json
@@ -28,20 +30,17 @@ import fire
 import torch
 import transformers
 from tqdm import tqdm
-from transformers.generation.streamers import BaseStreamer
 
-from utils import format_prompt, jdump, jload
-
-
-class UsageError(Exception):
-    """A wrong combination of command-line flags or a bad input file."""
+import tokens
+import utils
+from utils import UsageError, format_prompt, jdump
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading
 
 
-def load_model(
+def load_model_and_tokenizer(
     model_name_or_path: str, lora_weights: str | None = None, dtype: str = "auto"
 ) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
     """The model (with its LoRA adapter merged when `lora_weights` is given) and its tokenizer,
@@ -57,8 +56,7 @@ def load_model(
     if lora_weights:
         import peft
 
-        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        tokens.grow_embeddings(model, len(tokenizer))
         model = peft.PeftModel.from_pretrained(model, lora_weights).merge_and_unload()
     # Generation stops at every end-of-sequence token (see end_token_ids), and pads with ours.
     model.generation_config.eos_token_id = sorted(end_token_ids(model, tokenizer)[1])
@@ -94,7 +92,7 @@ def decoding_kwargs(
 
 
 @dataclass
-class Completion:
+class Generation:
     text: str
     finish_reason: str  # "stop" (end of sequence or a stop string) or "length" (max_new_tokens)
     prompt_tokens: int
@@ -154,8 +152,8 @@ def text_pieces(
     # Text that could be the start of a stop string is held back until it is known not to be.
     hold = max((len(s) for s in stop), default=1) - 1
     sent, reason = 0, None
-    for tokens in token_lists:
-        for token in tokens:
+    for ids in token_lists:
+        for token in ids:
             if token in end_ids:
                 reason = "stop" if token in eos_ids else "length"
                 break
@@ -185,7 +183,7 @@ def end_token_ids(model, tokenizer) -> tuple[set[int], set[int]]:
 
 def complete_batch(
     model, tokenizer, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str] = (), **decoding
-) -> list[Completion]:
+) -> list[Generation]:
     """Complete several raw prompts at once, left-padded so that every prompt ends at the same
     position and the new tokens line up."""
     encoded = [tokenizer(prompt)["input_ids"] for prompt in prompts]
@@ -198,13 +196,14 @@ def complete_batch(
     for prompt_ids, new_ids in zip(encoded, output[:, batch["input_ids"].shape[1]:].tolist()):
         pieces = list(text_pieces(tokenizer, prompt_ids, [new_ids], stop, end_ids, eos_ids))
         generated = next((i for i, token in enumerate(new_ids) if token in end_ids), len(new_ids))
-        completions.append(Completion("".join(p for p, _ in pieces), pieces[-1][1], len(prompt_ids), generated))
+        completions.append(Generation("".join(p for p, _ in pieces), pieces[-1][1], len(prompt_ids), generated))
     return completions
 
 
-class TokenQueue(BaseStreamer):
+class TokenQueue:
     """Receives the new tokens from `generate` (running in another thread) and hands them to
-    the consumer through a queue."""
+    the consumer through a queue. (A streamer needs only `put` and `end`; leaving out the
+    BaseStreamer base keeps transformers' generation code from loading when --help is asked.)"""
 
     def __init__(self):
         self.queue: queue.Queue = queue.Queue()
@@ -220,12 +219,13 @@ class TokenQueue(BaseStreamer):
         self.queue.put(None)
 
     def __iter__(self) -> Iterator[list[int]]:
-        while (tokens := self.queue.get()) is not None:
-            yield tokens
+        while (ids := self.queue.get()) is not None:
+            yield ids
 
 
-class WhenCancelled(transformers.StoppingCriteria):
-    """Stops generation once the consumer has what it needs (a stop string, a closed connection)."""
+class WhenCancelled:
+    """A stopping criterion (any callable of this signature is one) that stops generation once the
+    consumer has what it needs (a stop string, a closed connection)."""
 
     def __init__(self, event: threading.Event):
         self.event = event
@@ -320,19 +320,13 @@ def interactive(model, tokenizer, max_new_tokens: int, **decoding) -> None:
     sys.stderr.write("\n")
 
 
-def read_instructions(path: str) -> list[dict]:
+def read_instructions(path: str, required: tuple[str, ...] = ("instruction",)) -> list[dict]:
     """The `{instruction, input?}` records of a JSON or JSON Lines file, checked."""
-    try:
-        records = jload(path)
-    except (OSError, ValueError) as error:
-        raise UsageError(str(error)) from None
-    if not isinstance(records, list):
-        raise UsageError(f"{path}: expected a list of records, found {type(records).__name__}")
-    for number, record in enumerate(records):
-        if not isinstance(record, dict) or not isinstance(record.get("instruction"), str):
-            raise UsageError(f"{path}: record {number} has no string 'instruction': {str(record)[:200]}")
-        if not isinstance(record.get("input") or "", str):
-            raise UsageError(f"{path}: record {number}: 'input' must be a string, found {record['input']!r}")
+    records = utils.load_records(path)
+    for index, record in enumerate(records):
+        problems = utils.record_problems(record, required=required)
+        if problems:
+            raise UsageError(utils.describe_problem(path, index, problems[0]))
     return records
 
 
@@ -349,8 +343,8 @@ def load_batch(input_file: str, output_file: str, generator: str) -> tuple[list[
         positions = collections.defaultdict(collections.deque)
         for index, record in enumerate(records):
             positions[record_key(record)].append(index)
-        for number, record in enumerate(read_instructions(output_file)):
-            if not positions[record_key(record)] or not isinstance(record.get("output"), str):
+        for number, record in enumerate(read_instructions(output_file, required=("instruction", "output"))):
+            if not positions[record_key(record)]:
                 raise UsageError(
                     f"{output_file}: record {number} is not a response to a record of {input_file}; "
                     "choose another --output_file"
@@ -603,17 +597,17 @@ class RequestHandler(BaseHTTPRequestHandler):
         leaves no room, or has no token at all, is refused."""
         context = context_length(self.server.model)
         for number, prompt in enumerate(prompts):
-            tokens = len(self.server.tokenizer(prompt)["input_ids"])
-            if tokens == 0:  # possible where the tokenizer adds no beginning-of-sequence token
+            prompt_length = len(self.server.tokenizer(prompt)["input_ids"])
+            if prompt_length == 0:  # possible where the tokenizer adds no beginning-of-sequence token
                 raise RequestError(f"prompt {number} is empty: there is nothing for the model to continue")
-            if tokens >= context:
+            if prompt_length >= context:
                 # OpenAI's wording and code, which clients parse to shorten their requests.
                 raise RequestError(
                     f"This model's maximum context length is {context} tokens, however you requested "
-                    f"{tokens + 1} tokens ({tokens} in your prompt; 1 for the completion). "
+                    f"{prompt_length + 1} tokens ({prompt_length} in your prompt; 1 for the completion). "
                     "Please reduce the length of the prompt.", code="context_length_exceeded",
                 )
-            max_tokens = min(max_tokens, context - tokens)
+            max_tokens = min(max_tokens, context - prompt_length)
         return max_tokens
 
     def completions(self, body: dict) -> None:
@@ -791,7 +785,7 @@ def main(
             return
     if seed is not None:
         transformers.set_seed(seed)
-    model, tokenizer = load_model(model_name_or_path, lora_weights, dtype)
+    model, tokenizer = load_model_and_tokenizer(model_name_or_path, lora_weights, dtype)
     decoding = decoding_kwargs(temperature, top_p, top_k, num_beams, repetition_penalty)
     if serve:
         defaults = dict(temperature=temperature, top_p=top_p, top_k=top_k, num_beams=num_beams,
@@ -807,7 +801,4 @@ def main(
 
 
 if __name__ == "__main__":
-    try:
-        fire.Fire(main)
-    except UsageError as e:
-        sys.exit(f"inference.py: error: {e}")
+    utils.run_fire(main)

@@ -1,10 +1,16 @@
-"""Small helpers shared by the scripts: the Alpaca prompt templates and JSON I/O.
+"""Small helpers shared by the scripts: the Alpaca prompt templates, the record checker, JSON
+and atomic file and directory writes, and the command-line runner.
 
 Kept free of torch and openai imports so that every script can import it cheaply."""
+
+import contextlib
 import io
 import json
 import os
+import shutil
+import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from typing import Any
 
 # The two Alpaca templates, character for character as the original trained on them.
@@ -22,10 +28,15 @@ PROMPT_DICT = {
 }
 
 
-# The mode open() would give a new file under this process's umask (read once: os.umask sets it).
+# The modes open() and mkdir() give under this process's umask (read once: os.umask sets it).
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 _NEW_FILE_MODE = 0o666 & ~_UMASK
+_NEW_DIR_MODE = 0o777 & ~_UMASK
+
+
+class UsageError(Exception):
+    """A problem with the command line or an input file, reported as one line without a traceback."""
 
 
 def format_prompt(instruction: str, input: str | None = None) -> str:
@@ -82,3 +93,141 @@ def write_text_atomically(text: str, path: str) -> None:
         os.fsync(directory_fd)
     finally:
         os.close(directory_fd)
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str, overwrite: bool = False) -> Iterator[str]:
+    """A fresh directory to write into: created beside `target`, renamed to `target` when the
+    block succeeds and deleted when it fails, so the target never holds partial output. An
+    existing target is replaced only with `overwrite`."""
+    target = os.path.abspath(target)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.partial-", dir=os.path.dirname(target))
+    try:
+        yield staging
+        # mkdtemp makes the directory private: give it, and the files in it, the usual modes.
+        os.chmod(staging, _NEW_DIR_MODE)
+        for entry in os.scandir(staging):
+            os.chmod(entry.path, _NEW_DIR_MODE if entry.is_dir(follow_symlinks=False) else _NEW_FILE_MODE)
+        if os.path.lexists(target):
+            if not overwrite:
+                raise UsageError(f"{target} appeared while writing; pass --overwrite True to replace it")
+            _replace(target, staging)
+        else:
+            os.rename(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _replace(target: str, staging: str) -> None:
+    """Rename `staging` over the existing `target`, putting the old one back if that fails."""
+    retired = staging + ".old"
+    os.rename(target, retired)
+    try:
+        os.rename(staging, target)
+    except OSError:
+        os.rename(retired, target)
+        raise
+    if os.path.isdir(retired):
+        shutil.rmtree(retired)
+    else:
+        os.remove(retired)
+
+
+# ---------------------------------------------------------------------------------------------
+# Records
+
+# One problem of a record: the field it concerns (None for the record as a whole) and what is wrong.
+Problem = tuple[str | None, str]
+
+
+def record_problems(
+    record: Any,
+    required: tuple[str, ...] = ("instruction", "output"),
+    optional: tuple[str, ...] = ("input",),
+    nonempty: tuple[str, ...] = (),
+) -> list[Problem]:
+    """The problems of one record, the one check every script applies: not an object, a
+    `required` field missing, a required or `optional` field that is not a string (an optional
+    one may be null), or a `nonempty` field that is blank."""
+    if not isinstance(record, dict):
+        return [(None, f"not a JSON object ({type(record).__name__})")]
+    problems = []
+    for key in required + optional:
+        if key not in record or (key in optional and record[key] is None):
+            if key in required:
+                problems.append((key, "missing"))
+        elif not isinstance(record[key], str):
+            problems.append((key, f"not a string ({type(record[key]).__name__})"))
+        elif key in nonempty and not record[key].strip():
+            problems.append((key, "empty"))
+    return problems
+
+
+def seed_task_problems(
+    record: Any, required: tuple[str, ...] = ("id", "name", "instruction"), nonempty: tuple[str, ...] = ()
+) -> list[Problem]:
+    """The problems of one seed task: its `required` string fields, and `instances`, a non-empty
+    list of {input, output} records (fields named `instances[N].input`, ...)."""
+    problems = record_problems(record, required=required, optional=(), nonempty=nonempty)
+    if not isinstance(record, dict):
+        return problems
+    instances = record.get("instances")
+    if not isinstance(instances, list) or not instances:
+        return problems + [("instances", "missing" if instances is None else "not a non-empty list")]
+    for number, instance in enumerate(instances):
+        prefix = f"instances[{number}]"
+        for field, message in record_problems(instance, required=("input", "output"), optional=(), nonempty=nonempty):
+            problems.append((prefix if field is None else f"{prefix}.{field}", message))
+    return problems
+
+
+def describe_problem(path: str, index: int | None, problem: Problem) -> str:
+    """`PATH: record I, field "F": what is wrong`, leaving out what does not apply; I is the
+    0-based position of the record in the file."""
+    field, message = problem
+    where = [f"record {index}"] if index is not None else []
+    where += [f'field "{field}"'] if field else []
+    return f"{path}: {', '.join(where)}: {message}" if where else f"{path}: {message}"
+
+
+def load_records(path: str) -> list:
+    """The records of a JSON list or JSON Lines file (a file of one object is one record); a
+    UsageError naming the file when it cannot be read or holds something else."""
+    try:
+        records = jload(path)
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not UTF-8 text ({e})") from None
+    except ValueError as e:  # jload's message names the file and the line
+        raise UsageError(str(e)) from None
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+    if isinstance(records, dict):
+        records = [records]
+    if not isinstance(records, list):
+        raise UsageError(f"{path}: expected a JSON list or JSON Lines of records, got {type(records).__name__}")
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# Command lines
+
+
+def run_fire(component: Any, errors: tuple[type[BaseException], ...] = ()) -> None:
+    """Run a fire command line: help printed straight to the terminal (fire would open a pager),
+    returned values not printed (the scripts write files), and a UsageError (or one of `errors`)
+    reported as one line, `SCRIPT: error: ...`, with exit status 1."""
+    import fire
+
+    os.environ.setdefault("PAGER", "cat")
+    run_main(lambda: fire.Fire(component, serialize=lambda result: None), errors)
+
+
+def run_main(main: Callable[[], Any], errors: tuple[type[BaseException], ...] = ()) -> None:
+    """Call `main`, reporting a UsageError (or one of `errors`) as one line without a traceback."""
+    try:
+        main()
+    except (UsageError, *errors) as e:
+        sys.exit(f"{os.path.basename(sys.argv[0])}: error: {e}")
+

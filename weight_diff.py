@@ -9,7 +9,7 @@ and `tuned = raw + diff`, parameter by parameter. When the raw tokenizer has no 
 raw embedding matrices (input and output) first get one more row, the mean of the existing
 rows, for the `[PAD]` token that fine-tuning added; the diff's extra row says this is needed.
 (train.py also adds `</s>`, `<s>` and `<unk>` when the tokenizer lacks them: one mean row for
-each token it adds, found with train.py's own rule.)
+each token it adds, found with the rule train.py trains with, in tokens.py.)
 
 How it is done differs from the original:
 - streaming: one tensor at a time from (sharded) safetensors or `.bin` checkpoints, written
@@ -22,6 +22,8 @@ How it is done differs from the original:
 - atomic: output is written into a temporary directory beside the target and renamed into
   place at the end, so on any error nothing is left at the target.
 """
+
+from __future__ import annotations
 import contextlib
 import functools
 import hashlib
@@ -34,15 +36,15 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import fire
 import torch
 import transformers
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-import train
-from train import init_new_rows_to_mean
+import tokens
 import utils
+from tokens import init_new_rows_to_mean
+from utils import UsageError
 
 MANIFEST_NAME = "weight_diff_manifest.json"
 # The original's naive integrity check: the sum of all parameter sums of the recovered
@@ -60,10 +62,6 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
 SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 TEST_INSTRUCTION = "List three technologies that make life easier."
 BLOCK_BYTES = 16 * 2**20  # read from a file at a time
-
-
-class WeightDiffError(Exception):
-    """A problem with the inputs or the target, explained for the user (no traceback needed)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,7 +94,7 @@ def index_checkpoint(directory: str) -> dict[str, TensorInfo]:
         single_path = os.path.join(directory, weights_name)
         if os.path.exists(single_path):
             return describe_shard(single_path)
-    raise WeightDiffError(
+    raise UsageError(
         f"{directory}: no model weights found (looked for model.safetensors, pytorch_model.bin "
         "and their sharded forms with an .index.json)"
     )
@@ -107,18 +105,18 @@ def index_shards(index_path: str) -> dict[str, TensorInfo]:
     try:
         weight_map = dict(utils.jload(index_path)["weight_map"])
     except (ValueError, KeyError, TypeError) as e:
-        raise WeightDiffError(f"{index_path}: not a checkpoint index with a 'weight_map' ({e})") from None
+        raise UsageError(f"{index_path}: not a checkpoint index with a 'weight_map' ({e})") from None
     directory = os.path.dirname(index_path)
     shards = {}
     for shard in sorted(set(weight_map.values())):
         shard_path = os.path.join(directory, shard)
         if not os.path.exists(shard_path):
-            raise WeightDiffError(f"{index_path}: lists shard {shard}, which does not exist")
+            raise UsageError(f"{index_path}: lists shard {shard}, which does not exist")
         shards[shard] = describe_shard(shard_path)
     tensors = {}
     for name, shard in weight_map.items():
         if name not in shards[shard]:
-            raise WeightDiffError(f"{os.path.join(directory, shard)}: has no tensor {name}, which {index_path} places there")
+            raise UsageError(f"{os.path.join(directory, shard)}: has no tensor {name}, which {index_path} places there")
         tensors[name] = shards[shard][name]
     return tensors
 
@@ -131,10 +129,10 @@ def describe_shard(path: str) -> dict[str, TensorInfo]:
                 slices = {name: f.get_slice(name) for name in f.keys()}
                 stored = {name: (tuple(s.get_shape()), s.get_dtype()) for name, s in slices.items()}
         except SafetensorError as e:
-            raise WeightDiffError(f"{path}: not a readable safetensors file, probably truncated or corrupt ({e})") from None
+            raise UsageError(f"{path}: not a readable safetensors file, probably truncated or corrupt ({e})") from None
         for name, (_, dtype) in stored.items():
             if dtype not in SAFETENSORS_DTYPES:
-                raise WeightDiffError(f"{path}: tensor {name} has dtype {dtype}; only floating-point weights can be diffed")
+                raise UsageError(f"{path}: tensor {name} has dtype {dtype}; only floating-point weights can be diffed")
         # The byte offsets, which safe_open does not expose, for plain reads (see stored_blocks).
         with open(path, "rb") as f:
             header_size = int.from_bytes(f.read(8), "little")
@@ -146,7 +144,7 @@ def describe_shard(path: str) -> dict[str, TensorInfo]:
     state_dict = load_bin(path)
     for name, tensor in state_dict.items():
         if not tensor.is_floating_point():
-            raise WeightDiffError(f"{path}: tensor {name} has dtype {tensor.dtype}; only floating-point weights can be diffed")
+            raise UsageError(f"{path}: tensor {name} has dtype {tensor.dtype}; only floating-point weights can be diffed")
     return {name: TensorInfo(path, tuple(tensor.shape), tensor.dtype) for name, tensor in state_dict.items()}
 
 
@@ -158,17 +156,17 @@ def load_bin(path: str) -> dict[str, torch.Tensor]:
         state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
         reason = next((line.strip() for line in str(e).splitlines() if "Unsupported" in line), "")
-        raise WeightDiffError(
+        raise UsageError(
             f"{path}: refused: unpickling it needs objects other than tensors, which could run "
             f"arbitrary code, so it is not loaded. Get the weights from a trusted source, "
             f"preferably as safetensors. {reason}"
         ) from None
     except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise WeightDiffError(f"{path}: not a readable PyTorch checkpoint, probably truncated or corrupt ({e})") from None
+        raise UsageError(f"{path}: not a readable PyTorch checkpoint, probably truncated or corrupt ({e})") from None
     if not isinstance(state_dict, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()
     ):
-        raise WeightDiffError(f"{path}: not a state dict (a mapping from tensor names to tensors)")
+        raise UsageError(f"{path}: not a state dict (a mapping from tensor names to tensors)")
     return state_dict
 
 
@@ -205,7 +203,7 @@ def stored_blocks(info: TensorInfo, name: str) -> Iterator[tuple[int, torch.Tens
 def read_exactly(f, tensor: torch.Tensor, info: TensorInfo, name: str) -> None:
     """Fill `tensor` with the next bytes of an open safetensors file."""
     if f.readinto(tensor_bytes(tensor)) != tensor.nbytes:
-        raise WeightDiffError(f"{info.file}: ends inside tensor {name}; the file is truncated")
+        raise UsageError(f"{info.file}: ends inside tensor {name}; the file is truncated")
 
 
 def load_into(tensor: torch.Tensor, info: TensorInfo | torch.Tensor, name: str) -> None:
@@ -379,7 +377,7 @@ def add_computed_rotary_buffers(
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
     for name in missing:
         if other[name].shape != tuple(inv_freq.shape):
-            raise WeightDiffError(f"tensor {name}: shape {other[name].shape}, but the config gives rotary buffers of shape {tuple(inv_freq.shape)}")
+            raise UsageError(f"tensor {name}: shape {other[name].shape}, but the config gives rotary buffers of shape {tuple(inv_freq.shape)}")
         raw[name] = inv_freq
     print(f"note: {len(missing)} rotary inv_freq buffers of an old checkpoint computed from the config for the raw model")
 
@@ -400,7 +398,7 @@ def match_tensors(
     ):
         if names:
             listed = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
-            raise WeightDiffError(
+            raise UsageError(
                 f"{has} has {len(names)} tensors that {lacks} lacks ({listed}): "
                 "the two are not the same model architecture"
             )
@@ -415,7 +413,7 @@ def match_tensors(
         hint = ""
         if name in grown:
             hint = f" (fine-tuning adds {num_new_tokens} special tokens to the raw tokenizer, so as many embedding rows)"
-        raise WeightDiffError(
+        raise UsageError(
             f"tensor {name}: shape {raw[name].shape} in {path_raw} but {other[name].shape} in {path_other}{hint}"
         )
     return names, {name: num_new_tokens for name in grown}
@@ -425,21 +423,21 @@ def count_added_tokens(path_raw: str) -> int:
     """How many tokens train.py adds to the raw tokenizer before fine-tuning ([PAD] when there
     is no pad token, and EOS/BOS/UNK when missing or empty): the number of new embedding rows."""
     tokenizer = load_tokenizer(path_raw)
-    return tokenizer.add_special_tokens(train.missing_special_tokens(tokenizer))
+    return tokenizer.add_special_tokens(tokens.missing_special_tokens(tokenizer))
 
 
 def load_tokenizer(directory: str) -> transformers.PreTrainedTokenizerBase:
     try:
         return transformers.AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError) as e:
-        raise WeightDiffError(f"{directory}: cannot load its tokenizer ({e})") from None
+        raise UsageError(f"{directory}: cannot load its tokenizer ({e})") from None
 
 
 def load_config(directory: str) -> transformers.PretrainedConfig:
     try:
         return transformers.AutoConfig.from_pretrained(directory)
     except (OSError, ValueError) as e:
-        raise WeightDiffError(f"{directory}: cannot load its config.json ({e})") from None
+        raise UsageError(f"{directory}: cannot load its config.json ({e})") from None
 
 
 def state_dict_layout(config: transformers.PretrainedConfig) -> tuple[list[str], dict[str, str]]:
@@ -484,7 +482,7 @@ def check_naive_sum(total: float, expected: float | None, path_raw: str) -> None
         return
     if abs(total - expected) > NAIVE_SUM_ATOL:
         print(", FAILED")
-        raise WeightDiffError(
+        raise UsageError(
             f"naive integrity check failed: the recovered weights sum to {total:.4f}, expected "
             f"{expected:.4f} (atol {NAIVE_SUM_ATOL}); a checkpoint file may be corrupt, or the "
             f"raw model at {path_raw} is not the one the diff was made from (for a model other "
@@ -509,7 +507,7 @@ def read_manifest(path: str) -> dict:
         for name, entry in tensors.items():
             entry["shape"], entry["sha256"] = tuple(entry["shape"]), str(entry["sha256"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise WeightDiffError(f"{path}: not a readable weight diff manifest ({e!r})") from None
+        raise UsageError(f"{path}: not a readable weight diff manifest ({e!r})") from None
     manifest["path"] = path
     return manifest
 
@@ -519,10 +517,10 @@ def check_manifest_layout(manifest: dict, tensors: dict[str, TensorInfo], names:
     listed = set(manifest["tensors"])
     for problem, found in (("lists tensors missing from", listed - names), ("does not list tensors of", names - listed)):
         if found:
-            raise WeightDiffError(f"{manifest['path']} {problem} {source}: {', '.join(sorted(found)[:3])}")
+            raise UsageError(f"{manifest['path']} {problem} {source}: {', '.join(sorted(found)[:3])}")
     for name in sorted(names):
         if manifest["tensors"][name]["shape"] != tensors[name].shape:
-            raise WeightDiffError(
+            raise UsageError(
                 f"tensor {name}: shape {tensors[name].shape} in {source} but {manifest['tensors'][name]['shape']} in {manifest['path']}"
             )
 
@@ -530,54 +528,20 @@ def check_manifest_layout(manifest: dict, tensors: dict[str, TensorInfo], names:
 def check_target(target: str, overwrite: bool, inputs: list[str]) -> None:
     """Refuse an existing target without --overwrite, and never let output replace an input."""
     if os.path.lexists(target) and not overwrite:
-        raise WeightDiffError(f"{target} already exists; pass --overwrite True to replace it")
+        raise UsageError(f"{target} already exists; pass --overwrite True to replace it")
     real_target = os.path.realpath(target)
     for path in inputs:
         real_input = os.path.realpath(path)
         if real_target == real_input or real_input.startswith(real_target + os.sep):
-            raise WeightDiffError(f"{target} is an input ({path}); write the output somewhere else")
+            raise UsageError(f"{target} is an input ({path}); write the output somewhere else")
 
 
-@contextlib.contextmanager
-def atomic_output_dir(target: str | None, overwrite: bool) -> Iterator[str]:
-    """A fresh directory to write into: created beside `target`, renamed to `target` when the
-    block succeeds and deleted when it fails, so the target never holds partial output.
-    Without a target the directory is temporary and always deleted."""
+def output_dir(target: str | None, overwrite: bool) -> contextlib.AbstractContextManager[str]:
+    """Where a command writes: a directory renamed to `target` only when all of it is written
+    (see utils.atomic_directory), or a temporary one, always deleted, without a target."""
     if target is None:
-        with tempfile.TemporaryDirectory(prefix="weight_diff-") as scratch:
-            yield scratch
-        return
-    target = os.path.abspath(target)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.partial-", dir=os.path.dirname(target))
-    try:
-        yield staging
-        # mkdtemp made the directory private, as utils.jdump makes its files: give them the
-        # permissions mkdir and open would have.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)
-        for entry in os.scandir(staging):
-            os.chmod(entry.path, 0o666 & ~umask)
-        if os.path.lexists(target):
-            if not overwrite:
-                raise WeightDiffError(f"{target} appeared while writing; pass --overwrite True to replace it")
-            retired = staging + ".old"
-            os.rename(target, retired)
-            try:
-                os.rename(staging, target)
-            except OSError:
-                os.rename(retired, target)
-                raise
-            if os.path.isdir(retired):
-                shutil.rmtree(retired)
-            else:
-                os.remove(retired)
-        else:
-            os.rename(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        return tempfile.TemporaryDirectory(prefix="weight_diff-")
+    return utils.atomic_directory(target, overwrite)
 
 
 def save_config_and_tokenizer(source_dir: str, target_dir: str, dtype: torch.dtype) -> None:
@@ -585,7 +549,7 @@ def save_config_and_tokenizer(source_dir: str, target_dir: str, dtype: torch.dty
     the tokenizer of `source_dir`, saved beside the weights in `target_dir`."""
     config_path = os.path.join(source_dir, "config.json")
     if not os.path.exists(config_path):
-        raise WeightDiffError(f"{source_dir}: no config.json")
+        raise UsageError(f"{source_dir}: no config.json")
     config = utils.jload(config_path)
     dtype_name = str(dtype).removeprefix("torch.")
     config["dtype"] = dtype_name
@@ -602,7 +566,7 @@ def check_device(device: str) -> None:
     try:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:
-        raise WeightDiffError(f"--device {device} cannot be used here for the test inference ({e})") from None
+        raise UsageError(f"--device {device} cannot be used here for the test inference ({e})") from None
 
 
 def run_test_inference(model_dir: str, device: str, dtype: torch.dtype) -> str:
@@ -652,7 +616,7 @@ def make_diff(
     raw, tuned, order, new_rows = pair_checkpoints(path_raw, path_tuned)
     shapes = [tuned[name].shape for name in order]
     raw_buffer, tuned_buffer, diff_buffer = (reusable_buffer(shapes, torch.float32) for _ in range(3))
-    with atomic_output_dir(path_diff, overwrite) as out:
+    with output_dir(path_diff, overwrite) as out:
         layout = {name: (tuned[name].shape, torch.float32) for name in order}
         entries, sums, largest_difference = {}, {}, 0.0
         with ShardedSafetensorsWriter(out, layout, int(max_shard_size_gb * 1e9)) as writer, one_torch_thread():
@@ -723,7 +687,7 @@ def recover(
         max_shard_size_gb: largest safetensors shard to write, in GB (10^9 bytes).
     """
     if output_dtype not in OUTPUT_DTYPES:
-        raise WeightDiffError(f"--output_dtype {output_dtype}: choose one of {', '.join(OUTPUT_DTYPES)}")
+        raise UsageError(f"--output_dtype {output_dtype}: choose one of {', '.join(OUTPUT_DTYPES)}")
     dtype = OUTPUT_DTYPES[output_dtype]
     if test_inference:  # fail now, not after the whole recovery
         check_device(device)
@@ -736,7 +700,7 @@ def recover(
     shapes = [diff[name].shape for name in order]
     buffer = reusable_buffer(shapes, torch.float32)
     cast_buffer = reusable_buffer(shapes, dtype) if dtype != torch.float32 else None
-    with atomic_output_dir(path_tuned, overwrite) as out:
+    with output_dir(path_tuned, overwrite) as out:
         layout = {name: (diff[name].shape, dtype) for name in order}
         sums = {}
         with ShardedSafetensorsWriter(out, layout, int(max_shard_size_gb * 1e9)) as writer, one_torch_thread():
@@ -749,7 +713,7 @@ def recover(
                     init_new_rows_to_mean(recovered, new_rows[name])
                 add_stored(recovered, diff[name], name)
                 if manifest is not None and sha256_hex(recovered) != manifest["tensors"][name]["sha256"]:
-                    raise WeightDiffError(
+                    raise UsageError(
                         f"recovered tensor {name} does not match {manifest['path']}: the raw model at "
                         f"{path_raw} is not the one the diff was made from, or a file is corrupt"
                     )
@@ -780,19 +744,16 @@ def verify(path_tuned: str, manifest: str) -> None:
     buffer = reusable_buffer([tensors[name].shape for name in names], torch.float32)
     for name in tqdm(sorted(names), desc="verify", unit="tensor"):
         if tensors[name].dtype != torch.float32:
-            raise WeightDiffError(
+            raise UsageError(
                 f"{tensors[name].file}: tensor {name} is {tensors[name].dtype}, but the manifest holds "
                 "hashes of float32 values (recover checks them before casting to --output_dtype)"
             )
         tensor = shaped(buffer, tensors[name].shape)
         load_into(tensor, tensors[name], name)
         if sha256_hex(tensor) != expected["tensors"][name]["sha256"]:
-            raise WeightDiffError(f"{tensors[name].file}: tensor {name} does not match {expected['path']}")
+            raise UsageError(f"{tensors[name].file}: tensor {name} does not match {expected['path']}")
     print(f"{path_tuned}: all {len(names)} tensors match {expected['path']}")
 
 
 if __name__ == "__main__":
-    try:
-        fire.Fire({"make_diff": make_diff, "recover": recover, "verify": verify})
-    except WeightDiffError as error:
-        sys.exit(f"error: {error}")
+    utils.run_fire({"make_diff": make_diff, "recover": recover, "verify": verify})

@@ -16,10 +16,10 @@ from functools import partial
 from multiprocessing import Pool
 
 import numpy as np
-from common import shared_file
 from rouge_score import rouge_scorer
 
 import utils
+from bench.common import shared_file
 from rouge_dedup import RougeLIndex
 
 

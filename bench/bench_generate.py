@@ -4,15 +4,12 @@
 regen.json. Uses the project's prompt.txt and seed_tasks.jsonl."""
 import argparse
 import pathlib
-import sys
 import tempfile
 import time
 
-from common import ROOT
-
-sys.path.insert(0, str(ROOT / "tests"))
-import generate_instruction  # noqa: E402
-from openai_server import OpenAIServer  # noqa: E402
+import generate_instruction
+from bench.common import ROOT
+from tests.openai_server import OpenAIServer
 
 
 def run(server: OpenAIServer, output_dir: pathlib.Path, concurrency: int, count: int) -> float:

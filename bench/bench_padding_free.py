@@ -11,9 +11,8 @@ import time
 import torch
 import transformers
 
-from common import llama_tokenizer, shared_file
-
-import train
+import tokens
+from bench.common import llama_tokenizer, shared_file
 
 
 def make_model(vocab_size: int) -> transformers.PreTrainedModel:
@@ -53,11 +52,11 @@ def main():
 
     tokenizer = llama_tokenizer()
     records = json.loads(shared_file("alpaca_data.json").read_text())
-    examples, _ = train.preprocess(random.Random(0).sample(records, args.steps * args.batch_size), tokenizer, 512)
+    examples, _ = tokens.preprocess(random.Random(0).sample(records, args.steps * args.batch_size), tokenizer, 512)
     batches = [examples[i : i + args.batch_size] for i in range(0, len(examples), args.batch_size)]
 
-    padded_collator = train.DataCollatorForSupervisedDataset(pad_token_id=tokenizer.pad_token_id)
-    free_collator = transformers.DataCollatorWithFlattening(separator_id=train.IGNORE_INDEX)
+    padded_collator = tokens.DataCollatorForSupervisedDataset(pad_token_id=tokenizer.pad_token_id)
+    free_collator = transformers.DataCollatorWithFlattening(separator_id=tokens.IGNORE_INDEX)
     run(batches[:2], padded_collator, len(tokenizer))  # warm-up
     baseline, baseline_padding, baseline_loss = run(batches, padded_collator, len(tokenizer))
     ours, ours_padding, ours_loss = run(batches, free_collator, len(tokenizer))

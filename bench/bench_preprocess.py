@@ -8,10 +8,9 @@ import time
 
 import torch
 
-from common import llama_tokenizer, shared_file
-
-import train
+import tokens
 import utils
+from bench.common import llama_tokenizer, shared_file
 
 
 def original_preprocess(records, tokenizer, max_length):
@@ -34,7 +33,7 @@ def original_preprocess(records, tokenizer, max_length):
     _, source_lengths = tokenize_one_by_one(sources)
     labels = copy.deepcopy(input_ids)
     for label, source_length in zip(labels, source_lengths):
-        label[:source_length] = train.IGNORE_INDEX
+        label[:source_length] = tokens.IGNORE_INDEX
     return input_ids, labels
 
 
@@ -43,7 +42,7 @@ def main():
     tokenizer = llama_tokenizer()
 
     start = time.perf_counter()
-    ours, counts = train.preprocess(records, tokenizer, 512)
+    ours, counts = tokens.preprocess(records, tokenizer, 512)
     ours_seconds = time.perf_counter() - start
 
     start = time.perf_counter()

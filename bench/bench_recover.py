@@ -16,15 +16,14 @@ disk allows), and prints detail lines and then
     recover peak RSS: ratio=X.XX (baseline=..., ours=...)
     recover: ratio=X.XX (baseline=... s, ours=... s)
 
-    python bench/bench_recover.py                       # about 1B parameters, ~16 GB of files
-    python bench/bench_recover.py --num_params 2e8 --hidden_size 1024
+    python -m bench.bench_recover                       # about 1B parameters, ~16 GB of files
+    python -m bench.bench_recover --num_params 2e8 --hidden_size 1024
 """
 import concurrent.futures
 import json
 import multiprocessing
 import os
 import shutil
-import sys
 import tempfile
 import time
 
@@ -35,9 +34,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import train  # noqa: E402
-import weight_diff  # noqa: E402
+import tokens
+import weight_diff
 
 VOCAB_SIZE = 32000
 SHARD_BYTES = 2 * 10**9
@@ -70,7 +68,7 @@ def save_tokenizer(directory: str, with_pad: bool) -> None:
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     if with_pad:
-        tokenizer.add_special_tokens({"pad_token": train.DEFAULT_PAD_TOKEN})
+        tokenizer.add_special_tokens({"pad_token": tokens.DEFAULT_PAD_TOKEN})
     tokenizer.save_pretrained(directory)
 
 
@@ -113,7 +111,7 @@ def recover_baseline(path_raw: str, path_diff: str, path_tuned: str) -> None:
     model_recovered = transformers.AutoModelForCausalLM.from_pretrained(path_diff, **load)
     tokenizer_raw = transformers.AutoTokenizer.from_pretrained(path_raw)
     if tokenizer_raw.pad_token is None:
-        train.smart_tokenizer_and_embedding_resize({"pad_token": train.DEFAULT_PAD_TOKEN}, tokenizer_raw, model_raw)
+        tokens.smart_tokenizer_and_embedding_resize({"pad_token": tokens.DEFAULT_PAD_TOKEN}, tokenizer_raw, model_raw)
     tokenizer_recovered = transformers.AutoTokenizer.from_pretrained(path_diff)
     state_dict_recovered = model_recovered.state_dict()
     state_dict_raw = model_raw.state_dict()

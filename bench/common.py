@@ -7,7 +7,6 @@ import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
-sys.path.insert(0, str(ROOT))
 
 
 def shared_file(relative: str) -> pathlib.Path:
@@ -21,12 +20,12 @@ def llama_tokenizer():
     """The real 32K LLaMA-format tokenizer with train.py's special tokens added."""
     import transformers
 
-    import train
+    import tokens
 
     directory = tempfile.mkdtemp(prefix="bench-tokenizer-")
     shutil.copy(shared_file("sentencepiece_llama_format/tokenizer.model"), directory)
     transformers.LlamaTokenizer.from_pretrained(directory, add_bos_token=True).save_pretrained(directory)
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory, model_max_length=512, padding_side="right")
-    tokenizer.add_special_tokens(train.missing_special_tokens(tokenizer))
+    tokenizer.add_special_tokens(tokens.missing_special_tokens(tokenizer))
     shutil.rmtree(directory)
     return tokenizer

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 import analyze_data
 import utils
-from conftest import ROOT, shared_file
+from helpers import ROOT, shared_file
 
 # A training file with one known problem per record (index 0 is clean).
 BAD_TRAINING_RECORDS = [
@@ -122,7 +122,7 @@ def test_seed_format_problems_name_the_instance():
 
 def test_original_seed_tasks_are_detected_and_clean():
     path = shared_file("seed_tasks.jsonl")
-    records = analyze_data.load_records(str(path))
+    records = utils.load_records(str(path))
     assert analyze_data.detect_format(records) == "seed"
     assert analyze_data.find_problems(records, "seed") == []
     words = analyze_data.word_statistics(analyze_data.training_examples(records, "seed"))
@@ -134,7 +134,7 @@ def test_original_seed_tasks_are_detected_and_clean():
 def test_original_52k_problems_are_found():
     """The 52K loads unchanged; its known flaws are empty outputs and inputs copied to the output."""
     path = shared_file("alpaca_data.json")
-    records = analyze_data.load_records(str(path))
+    records = utils.load_records(str(path))
     assert analyze_data.detect_format(records) == "train"
     problems = analyze_data.find_problems(records, "train")
     kinds = collections.Counter((field, message) for _, field, message in problems)
@@ -176,6 +176,7 @@ def test_token_statistics_follow_the_alpaca_prompt(tiny_llama_dir):
     assert analyze_data.token_statistics(examples, str(tiny_llama_dir), max_length=totals[1])["over_max_length"] == 0
 
 
+@pytest.mark.slow
 def test_tokens_and_chart_on_the_command_line(tmp_path, tiny_llama_dir):
     path = tmp_path / "data.json"
     path.write_text(json.dumps(BAD_TRAINING_RECORDS[:2]))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import generate_instruction
-from conftest import ROOT, shared_file
+from helpers import ROOT, shared_file
 from rouge_dedup import RougeLIndex
 from utils import jload
 

@@ -4,7 +4,12 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT
+import pytest
+
+from helpers import ROOT
+
+# Downloads the embedded model on a fresh machine, and runs the whole loop on it: minutes.
+pytestmark = [pytest.mark.network, pytest.mark.slow]
 
 
 def test_quick_demo_runs_the_whole_loop(embedded_model_dir, tmp_path):

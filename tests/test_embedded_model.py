@@ -6,11 +6,12 @@ import time
 
 import pytest
 
-from conftest import ROOT
 from embedded_model import embedded_model_path
+from helpers import ROOT
 from utils import format_prompt
 
 
+@pytest.mark.network
 def test_converted_checkpoint_loads_generates_and_is_reused(embedded_model_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM

@@ -13,13 +13,13 @@ import time
 
 import numpy as np
 import pytest
-from openai_server import OpenAIServer, self_instruct_writer
 from rouge_score import rouge_scorer
 
 import generate_instruction
 import utils
-from conftest import ROOT, shared_file
 from generate_instruction import STOP_SEQUENCES, StopGeneration, encode_prompt, post_process_response
+from helpers import ROOT, shared_file
+from openai_server import OpenAIServer, self_instruct_writer
 
 PROMPT = "Come up with 20 varied tasks for a language model.\n\nList of 20 tasks:"
 SEEDS = [
@@ -180,10 +180,10 @@ def test_bad_seed_file_names_the_record(files, tmp_path):
     path = tmp_path / "bad_seeds.jsonl"
     first_line = pathlib.Path(files["seed_tasks_path"]).read_text().splitlines()[0]
     path.write_text(first_line + '\n{"instruction": "No instances here."}\n')
-    with pytest.raises(ValueError, match=r"bad_seeds.jsonl: record 2: expected an object with 'instruction' and 'instances'"):
+    with pytest.raises(utils.UsageError, match=r'bad_seeds.jsonl: record 1, field "instances": missing'):
         generate_instruction.load_seed_tasks(str(path))
     path.write_bytes(first_line.encode() + b'\n{"instruction": "caf\xe9"}\n')
-    with pytest.raises(ValueError, match=r"bad_seeds.jsonl: not UTF-8"):
+    with pytest.raises(utils.UsageError, match=r"bad_seeds.jsonl: not UTF-8"):
         generate_instruction.load_seed_tasks(str(path))
 
 
@@ -457,7 +457,7 @@ def test_corrupt_output_is_reported_and_left_alone(server, files, tmp_path, corr
     out = tmp_path / "out"
     out.mkdir()
     (out / "regen.json").write_bytes(corrupt)
-    with pytest.raises(ValueError, match="regen.json: not valid JSON"):
+    with pytest.raises(utils.UsageError, match="regen.json: not (valid JSON|UTF-8 text)"):
         generate(server, files, out)
     assert (out / "regen.json").read_bytes() == corrupt and not server.requests
 
@@ -473,6 +473,7 @@ def cli(files, output_dir, base_url, *extra) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_points_then_resume(files, tmp_path):
     """A real subprocess killed with SIGKILL mid-run, several times, then resumed to the end:
     regen.json is valid JSON after every kill, never loses what it held, and the final file is
@@ -532,7 +533,7 @@ def test_cli_reports_a_stopped_run_and_documents_its_flags(files, tmp_path):
     with OpenAIServer(api_key="right-key") as server:
         stopped = subprocess.run(cli(files, tmp_path / "out", server.base_url), cwd=ROOT, env=env, capture_output=True, text=True)
     assert stopped.returncode == 1
-    assert "generate_instruction: " in stopped.stderr and "refused the request (401)" in stopped.stderr
+    assert "generate_instruction.py: error: " in stopped.stderr and "refused the request (401)" in stopped.stderr
     # The server quoted the key in its error: neither the output nor the files show it.
     assert "Incorrect API key provided: ***" in stopped.stderr
     written = "".join(path.read_text() for path in (tmp_path / "out").iterdir())

@@ -8,7 +8,7 @@ import pytest
 from rouge_score import rouge_scorer, tokenize
 
 import utils
-from conftest import shared_file
+from helpers import shared_file
 from rouge_dedup import RougeLIndex, max_possible_fmeasure, rouge_l_fmeasure, rouge_tokenize
 
 SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)

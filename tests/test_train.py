@@ -12,9 +12,10 @@ import pytest
 import torch
 import transformers
 
+import tokens
 import train
 import utils
-from conftest import ROOT, build_tiny_llama, shared_file
+from helpers import ROOT, build_tiny_llama, shared_file
 
 RECORDS = [
     {"instruction": "Name the largest planet in the solar system.", "input": "", "output": "Jupiter."},
@@ -92,12 +93,13 @@ def test_overfit_loss_halves_and_saved_model_gives_same_logits(tiny_llama_dir, d
 def test_a_new_eos_token_becomes_a_generation_stop(tmp_path):
     model, tokenizer = build_tiny_llama(tmp_path)
     tokenizer.eos_token = ""
-    train.smart_tokenizer_and_embedding_resize({"pad_token": "[PAD]", "eos_token": "<|end|>"}, tokenizer, model)
-    train.set_special_token_ids(model, tokenizer)
+    tokens.smart_tokenizer_and_embedding_resize({"pad_token": "[PAD]", "eos_token": "<|end|>"}, tokenizer, model)
+    tokens.set_special_token_ids(model, tokenizer)
     assert model.generation_config.eos_token_id == [2, tokenizer.convert_tokens_to_ids("<|end|>")]
     assert model.generation_config.pad_token_id == model.config.pad_token_id == tokenizer.pad_token_id
 
 
+@pytest.mark.distributed
 def test_torchrun_fsdp_with_the_original_readme_flags(tiny_llama_dir, data_file, tmp_path):
     out = tmp_path / "out"
     result = run_script([
@@ -123,6 +125,7 @@ def test_torchrun_fsdp_with_the_original_readme_flags(tiny_llama_dir, data_file,
     assert 0 < max(changes) < 1e-2, changes
 
 
+@pytest.mark.distributed
 def test_torchrun_fsdp_cpu_offload(tiny_llama_dir, data_file, tmp_path):
     out = tmp_path / "out"
     result = run_script([
@@ -145,6 +148,8 @@ def _held_parameter_values(stdout):
     return held
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_torchrun_deepspeed_zero3_offload_saves_a_reloadable_model(tiny_llama_dir, data_file, tmp_path):
     out = tmp_path / "out"
     result = run_script([
@@ -164,6 +169,7 @@ def test_torchrun_deepspeed_zero3_offload_saves_a_reloadable_model(tiny_llama_di
     torch.testing.assert_close(reloaded[-1], raw.mean(dim=0), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_padding_free_training_logs_the_padded_losses(tiny_llama_dir, data_file, tmp_path):
     common = ["--model_name_or_path", tiny_llama_dir, "--data_path", data_file, "--max_steps", "2",
               "--per_device_train_batch_size", "4", "--learning_rate", "0", "--logging_steps", "1", "--save_strategy", "no"]
@@ -173,8 +179,9 @@ def test_padding_free_training_logs_the_padded_losses(tiny_llama_dir, data_file,
         assert abs(padded - free) < 1e-5
 
 
+@pytest.mark.slow
 def test_padding_free_is_refused_for_a_model_whose_attention_crosses_examples(tmp_path, data_file):
-    from conftest import build_tiny_tokenizer
+    from helpers import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer(tmp_path / "opt")
     config = transformers.OPTConfig(vocab_size=len(tokenizer), hidden_size=32, ffn_dim=64, num_hidden_layers=2,
@@ -187,11 +194,27 @@ def test_padding_free_is_refused_for_a_model_whose_attention_crosses_examples(tm
 
 
 def test_old_flag_spellings_map_to_todays_arguments(tmp_path):
-    parser = transformers.HfArgumentParser(train.TrainingArguments)
-    [args] = parser.parse_args_into_dataclasses([
-        "--output_dir", str(tmp_path), "--evaluation_strategy", "steps", "--warmup_ratio", "0.03", "--group_by_length", "True",
+    args = train.parse_arguments([
+        "--data_path", "d.json", "--output_dir", str(tmp_path), "--evaluation_strategy", "steps",
+        "--warmup_ratio", "0.03", "--group_by_length", "True",
     ])
-    assert args.eval_strategy == "steps" and args.warmup_steps == 0.03 and args.train_sampling_strategy == "group_by_length"
+    trainer_args = train.training_arguments(args.trainer)
+    assert trainer_args.eval_strategy == "steps" and trainer_args.warmup_steps == 0.03
+    assert trainer_args.train_sampling_strategy == "group_by_length"
+
+
+def test_parsing_the_command_line_sets_nothing_up(tmp_path, monkeypatch):
+    """Parsing (even of a DeepSpeed run outside a launcher) leaves the environment and
+    torch.distributed alone; training_arguments() is where the run time is set up."""
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    before = dict(os.environ)
+    args = train.parse_arguments([
+        "--data_path", "d.json", "--output_dir", str(tmp_path), "--deepspeed", str(ROOT / "configs" / "default_offload_opt_param.json"),
+        "--model_max_length", "64", "--use_lora", "True",
+    ])
+    assert dict(os.environ) == before and not torch.distributed.is_initialized()
+    assert args.data.model_max_length == 64 and args.lora.use_lora and args.trainer["deepspeed"].endswith(".json")
 
 
 def test_resume_picks_the_newest_complete_checkpoint(tmp_path, capsys):
@@ -210,6 +233,7 @@ def test_resume_picks_the_newest_complete_checkpoint(tmp_path, capsys):
     assert resume(None, output_dir=tmp_path / "new") is None
 
 
+@pytest.mark.slow
 def test_padding_free_group_by_length_and_validation_split(tiny_llama_dir, data_file, tmp_path):
     out = tmp_path / "out"
     result = run_script([
@@ -224,6 +248,7 @@ def test_padding_free_group_by_length_and_validation_split(tiny_llama_dir, data_
     assert len(eval_losses) == 1 and math.isfinite(eval_losses[0])
 
 
+@pytest.mark.slow
 def test_lora_training_saves_adapter_and_merged_model(tiny_llama_dir, data_file, tmp_path):
     import peft
 
@@ -248,6 +273,7 @@ def test_lora_training_saves_adapter_and_merged_model(tiny_llama_dir, data_file,
     assert not torch.allclose(merged[..., : untouched.shape[-1]], untouched, atol=1e-4), "LoRA changed the model"
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_final_loss(tiny_llama_dir, data_file, tmp_path):
     common = [
         "--model_name_or_path", tiny_llama_dir, "--data_path", data_file, "--max_steps", "30",
@@ -278,11 +304,12 @@ def test_killed_run_resumes_to_the_same_final_loss(tiny_llama_dir, data_file, tm
 # Tokenization, masking and truncation
 
 
+@pytest.mark.slow
 def test_token_sequences_match_the_original_recipe_on_the_52k(llama_tokenizer_dir):
     records = json.loads(shared_file("alpaca_data.json").read_text())
     tokenizer = transformers.AutoTokenizer.from_pretrained(llama_tokenizer_dir, model_max_length=512)
-    tokenizer.add_special_tokens(train.missing_special_tokens(tokenizer))
-    examples, counts = train.preprocess(records, tokenizer, 512)
+    tokenizer.add_special_tokens(tokens.missing_special_tokens(tokenizer))
+    examples, counts = tokens.preprocess(records, tokenizer, 512)
 
     # The original recipe: tokenize prompt + output + "</s>" as one text, and the prompt alone.
     prompts = [utils.format_prompt(r["instruction"], r.get("input")) for r in records]
@@ -299,8 +326,8 @@ def test_token_sequences_match_the_original_recipe_on_the_52k(llama_tokenizer_di
         assert ids == full[i][:512]
         assert ids[0] == tokenizer.bos_token_id
         assert (ids[-1] == tokenizer.eos_token_id) == (len(full[i]) <= 512)
-        masked = labels.index(next(x for x in labels if x != train.IGNORE_INDEX))
-        assert labels[masked:] == ids[masked:] and set(labels[:masked]) == {train.IGNORE_INDEX}
+        masked = labels.index(next(x for x in labels if x != tokens.IGNORE_INDEX))
+        assert labels[masked:] == ids[masked:] and set(labels[:masked]) == {tokens.IGNORE_INDEX}
         if masked != len(prompt_only[i]):
             # The prompt's last token merged with the response's first characters: that token is trained.
             straddling += 1
@@ -311,47 +338,47 @@ def test_token_sequences_match_the_original_recipe_on_the_52k(llama_tokenizer_di
 
 def test_the_original_52k_loads_with_its_28_empty_outputs_reported(capsys):
     path = str(shared_file("alpaca_data.json"))
-    with pytest.raises(train.UsageError, match=r"record 284: field 'output' is empty \(use --skip_invalid True"):
-        train.load_records(path, skip_invalid=False)
-    assert len(train.load_records(path, skip_invalid=True)) == 52002 - 28
+    with pytest.raises(utils.UsageError, match=r'record 284, field "output": empty \(use --skip_invalid True'):
+        train.load_training_records(path, skip_invalid=False)
+    assert len(train.load_training_records(path, skip_invalid=True)) == 52002 - 28
     assert "Dropped 28 invalid records of 52002" in capsys.readouterr().out
 
 
 def test_a_token_straddling_the_prompt_boundary_is_trained(llama_tokenizer_dir):
     tokenizer = transformers.AutoTokenizer.from_pretrained(llama_tokenizer_dir)
-    tokenizer.add_special_tokens(train.missing_special_tokens(tokenizer))
+    tokenizer.add_special_tokens(tokens.missing_special_tokens(tokenizer))
     record = {"instruction": "Give the temperature.", "input": "", "output": "-5 degrees"}
-    [example], _ = train.preprocess([record], tokenizer, 512)
-    tokens = tokenizer.convert_ids_to_tokens(example["input_ids"])
-    first_trained = next(i for i, label in enumerate(example["labels"]) if label != train.IGNORE_INDEX)
-    assert tokens[first_trained] == ":-"
+    [example], _ = tokens.preprocess([record], tokenizer, 512)
+    pieces = tokenizer.convert_ids_to_tokens(example["input_ids"])
+    first_trained = next(i for i, label in enumerate(example["labels"]) if label != tokens.IGNORE_INDEX)
+    assert pieces[first_trained] == ":-"
     assert example["labels"][-1] == tokenizer.eos_token_id
 
 
 def test_truncation_skips_prompts_that_do_not_fit_and_cuts_long_responses(tiny_llama_dir):
     tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_llama_dir)
-    tokenizer.add_special_tokens(train.missing_special_tokens(tokenizer))
+    tokenizer.add_special_tokens(tokens.missing_special_tokens(tokenizer))
     records = [
         {"instruction": "Repeat: " + "word " * 200, "input": "", "output": "ok"},
         {"instruction": "Tell a story.", "input": "", "output": "once upon a time " * 100},
         {"instruction": "Say yes.", "input": "", "output": "yes"},
     ]
-    examples, counts = train.preprocess(records, tokenizer, 128)
+    examples, counts = tokens.preprocess(records, tokenizer, 128)
     assert counts == {"skipped": 1, "cut": 1}
     story, yes = examples
     assert len(story["input_ids"]) == 128 and story["input_ids"][-1] != tokenizer.eos_token_id
     assert yes["input_ids"][-1] == tokenizer.eos_token_id
     for example in examples:
-        assert any(label != train.IGNORE_INDEX for label in example["labels"]), "no batch may be all-masked"
+        assert any(label != tokens.IGNORE_INDEX for label in example["labels"]), "no batch may be all-masked"
 
 
 def test_padding_free_loss_equals_padded_loss_per_example(tiny_llama_dir):
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_llama_dir)
-    train.smart_tokenizer_and_embedding_resize(train.missing_special_tokens(tokenizer), tokenizer, model)
-    examples, _ = train.preprocess(RECORDS[:4], tokenizer, 512)
-    padded = train.DataCollatorForSupervisedDataset(pad_token_id=tokenizer.pad_token_id)(examples)
-    flat = transformers.DataCollatorWithFlattening(separator_id=train.IGNORE_INDEX)(examples)
+    tokens.smart_tokenizer_and_embedding_resize(tokens.missing_special_tokens(tokenizer), tokenizer, model)
+    examples, _ = tokens.preprocess(RECORDS[:4], tokenizer, 512)
+    padded = tokens.DataCollatorForSupervisedDataset(pad_token_id=tokenizer.pad_token_id)(examples)
+    flat = transformers.DataCollatorWithFlattening(separator_id=tokens.IGNORE_INDEX)(examples)
     with torch.no_grad():
         padded_logits = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
         # use_cache=False as in training (the Trainer sets it): with a cache the model cannot see the packing.
@@ -361,8 +388,8 @@ def test_padding_free_loss_equals_padded_loss_per_example(tiny_llama_dir):
         n = len(example["input_ids"])
         labels = torch.tensor(example["labels"])
         per_token = torch.nn.functional.cross_entropy
-        padded_loss = per_token(padded_logits[row, : n - 1], labels[1:], ignore_index=train.IGNORE_INDEX)
-        flat_loss = per_token(flat_logits[start : start + n - 1], labels[1:], ignore_index=train.IGNORE_INDEX)
+        padded_loss = per_token(padded_logits[row, : n - 1], labels[1:], ignore_index=tokens.IGNORE_INDEX)
+        flat_loss = per_token(flat_logits[start : start + n - 1], labels[1:], ignore_index=tokens.IGNORE_INDEX)
         assert abs(padded_loss.item() - flat_loss.item()) < 1e-5
         start += n
 
@@ -380,8 +407,8 @@ def test_missing_pad_token_is_added_with_mean_embedding_rows(tiny_llama_dir):
     tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_llama_dir)
     old_input = model.get_input_embeddings().weight.detach().clone()
     old_output = model.get_output_embeddings().weight.detach().clone()
-    assert train.missing_special_tokens(tokenizer) == {"pad_token": "[PAD]"}
-    added = train.smart_tokenizer_and_embedding_resize(train.missing_special_tokens(tokenizer), tokenizer, model)
+    assert tokens.missing_special_tokens(tokenizer) == {"pad_token": "[PAD]"}
+    added = tokens.smart_tokenizer_and_embedding_resize(tokens.missing_special_tokens(tokenizer), tokenizer, model)
     assert added == 1 and tokenizer.pad_token == "[PAD]"
     for new, old in ((model.get_input_embeddings().weight, old_input), (model.get_output_embeddings().weight, old_output)):
         assert new.shape[0] == old.shape[0] + 1
@@ -394,9 +421,9 @@ def test_empty_eos_token_is_replaced_without_growing_when_the_piece_exists(tiny_
     tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_llama_dir)
     tokenizer.pad_token = tokenizer.unk_token
     tokenizer.eos_token = ""
-    assert train.missing_special_tokens(tokenizer) == {"eos_token": "</s>"}
+    assert tokens.missing_special_tokens(tokenizer) == {"eos_token": "</s>"}
     size = model.get_input_embeddings().weight.shape[0]
-    assert train.smart_tokenizer_and_embedding_resize({"eos_token": "</s>"}, tokenizer, model) == 0
+    assert tokens.smart_tokenizer_and_embedding_resize({"eos_token": "</s>"}, tokenizer, model) == 0
     assert tokenizer.eos_token == "</s>" and tokenizer.eos_token_id == 2
     assert model.get_input_embeddings().weight.shape[0] == size
 
@@ -407,15 +434,15 @@ def test_present_special_tokens_leave_the_model_untouched(tiny_llama_dir):
     tokenizer.add_special_tokens({"pad_token": "[PAD]"})
     model.resize_token_embeddings(len(tokenizer))
     before = model.get_input_embeddings().weight.detach().clone()
-    assert train.missing_special_tokens(tokenizer) == {}
-    assert train.smart_tokenizer_and_embedding_resize({}, tokenizer, model) == 0
+    assert tokens.missing_special_tokens(tokenizer) == {}
+    assert tokens.smart_tokenizer_and_embedding_resize({}, tokenizer, model) == 0
     torch.testing.assert_close(model.get_input_embeddings().weight, before, rtol=0, atol=0)
 
 
 def test_a_padded_embedding_matrix_is_not_shrunk(tmp_path):
     model, tokenizer = build_tiny_llama(tmp_path, vocab_size=416)  # 400 tokens, 16 spare rows
     old = model.get_input_embeddings().weight.detach().clone()
-    assert train.smart_tokenizer_and_embedding_resize({"pad_token": "[PAD]"}, tokenizer, model) == 1
+    assert tokens.smart_tokenizer_and_embedding_resize({"pad_token": "[PAD]"}, tokenizer, model) == 1
     weight = model.get_input_embeddings().weight
     assert weight.shape == old.shape and tokenizer.pad_token_id == 400
     torch.testing.assert_close(weight[400], old[:400].mean(dim=0), rtol=1e-6, atol=1e-6)
@@ -426,7 +453,7 @@ def test_tied_embeddings_get_one_mean_row(tmp_path):
     model, tokenizer = build_tiny_llama(tmp_path, tie_word_embeddings=True)
     old = model.get_input_embeddings().weight.detach().clone()
     tokenizer.eos_token = ""
-    added = train.smart_tokenizer_and_embedding_resize(
+    added = tokens.smart_tokenizer_and_embedding_resize(
         {"pad_token": "[PAD]", "eos_token": "<|end|>"}, tokenizer, model
     )
     assert added == 2
@@ -442,20 +469,20 @@ def test_tied_embeddings_get_one_mean_row(tmp_path):
 @pytest.mark.parametrize(
     "records, message",
     [
-        ({"instruction": "a", "output": "b"}, "expected a JSON list"),
-        ([RECORDS[0], {"input": "x", "output": "y"}], "record 1: field 'instruction' is missing"),
-        ([RECORDS[0], RECORDS[1], {"instruction": "x"}], "record 2: field 'output' is missing"),
-        ([{"instruction": "x", "output": 5}], "record 0: field 'output' is int, not a string"),
-        ([{"instruction": "x", "input": ["a"], "output": "y"}], "record 0: field 'input' is list, not a string"),
-        ([RECORDS[0], {"instruction": "x", "output": "  "}], "record 1: field 'output' is empty"),
-        ([RECORDS[0], "just text"], "record 1: expected an object, got str"),
+        ("just text", "expected a JSON list"),
+        ([RECORDS[0], {"input": "x", "output": "y"}], 'record 1, field "instruction": missing'),
+        ([RECORDS[0], RECORDS[1], {"instruction": "x"}], 'record 2, field "output": missing'),
+        ([{"instruction": "x", "output": 5}], 'record 0, field "output": not a string (int)'),
+        ([{"instruction": "x", "input": ["a"], "output": "y"}], 'record 0, field "input": not a string (list)'),
+        ([RECORDS[0], {"instruction": "x", "output": "  "}], 'record 1, field "output": empty'),
+        ([RECORDS[0], "just text"], "record 1: not a JSON object (str)"),
     ],
 )
 def test_bad_records_are_named_with_file_index_and_field(tmp_path, records, message):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(records))
-    with pytest.raises(train.UsageError) as error:
-        train.load_records(str(path), skip_invalid=False)
+    with pytest.raises(utils.UsageError) as error:
+        train.load_training_records(str(path), skip_invalid=False)
     assert str(path) in str(error.value) and message in str(error.value)
 
 
@@ -463,16 +490,17 @@ def test_skip_invalid_drops_and_counts(tmp_path, capsys):
     path = tmp_path / "mixed.jsonl"
     lines = [RECORDS[0], {"instruction": "x"}, RECORDS[1], {"instruction": "", "output": "y"}]
     path.write_text("\n".join(json.dumps(r) for r in lines))
-    assert train.load_records(str(path), skip_invalid=True) == [RECORDS[0], RECORDS[1]]
+    assert train.load_training_records(str(path), skip_invalid=True) == [RECORDS[0], RECORDS[1]]
     assert "Dropped 2 invalid records of 4" in capsys.readouterr().out
 
 
+@pytest.mark.distributed
 def test_bad_data_and_wrong_layer_class_fail_with_one_clear_line(tiny_llama_dir, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([RECORDS[0], {"instruction": "x", "output": None}]))
     result = run_script(["--model_name_or_path", tiny_llama_dir, "--data_path", bad, "--output_dir", tmp_path / "o"], check=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert f"train.py: error: {bad}: record 1: field 'output' is NoneType, not a string" in result.stderr
+    assert f'train.py: error: {bad}: record 1, field "output": not a string (NoneType)' in result.stderr
 
     result = run_script([
         "--model_name_or_path", tiny_llama_dir, "--data_path", bad, "--output_dir", tmp_path / "o",
@@ -491,6 +519,7 @@ def test_fsdp_without_torchrun_says_how_to_launch(tiny_llama_dir, data_file, tmp
     assert "launch with torchrun --nproc_per_node=N" in result.stderr
 
 
+@pytest.mark.distributed
 def test_deepspeed_in_one_plain_process(tiny_llama_dir, data_file, tmp_path):
     out = tmp_path / "out"
     run_script(["--model_name_or_path", tiny_llama_dir, "--data_path", data_file, "--output_dir", out, "--max_steps", "1",

@@ -16,9 +16,10 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-import train
+import tokens
+import utils
 import weight_diff
-from conftest import ROOT, build_tiny_llama
+from helpers import ROOT, build_tiny_llama
 
 NON_WEIGHT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -71,7 +72,7 @@ def original_recover(path_raw: pathlib.Path, path_diff: pathlib.Path) -> dict[st
     model_recovered = transformers.AutoModelForCausalLM.from_pretrained(path_diff, dtype=torch.float32)
     tokenizer_raw = transformers.AutoTokenizer.from_pretrained(path_raw)
     if tokenizer_raw.pad_token is None:
-        train.smart_tokenizer_and_embedding_resize({"pad_token": "[PAD]"}, tokenizer_raw, model_raw)
+        tokens.smart_tokenizer_and_embedding_resize({"pad_token": "[PAD]"}, tokenizer_raw, model_raw)
     state_dict_recovered, state_dict_raw = model_recovered.state_dict(), model_raw.state_dict()
     with torch.no_grad():
         for name in state_dict_recovered:
@@ -113,7 +114,7 @@ def dirs(tmp_path_factory) -> dict[str, pathlib.Path]:
     root = tmp_path_factory.mktemp("weight_diff")
     dirs = {name: root / name for name in ("raw", "padded", "tuned", "diff", "recovered")}
     model, tokenizer = build_tiny_llama(dirs["raw"])
-    train.smart_tokenizer_and_embedding_resize({"pad_token": "[PAD]"}, tokenizer, model)
+    tokens.smart_tokenizer_and_embedding_resize({"pad_token": "[PAD]"}, tokenizer, model)
     model.save_pretrained(dirs["padded"])
     tokenizer.save_pretrained(dirs["padded"])
     generator = torch.Generator().manual_seed(1)
@@ -219,7 +220,7 @@ def test_several_new_rows_as_train_py_adds_them(tmp_path):
     model, _ = build_tiny_llama(tmp_path / "raw")
     tokenizer = _word_level_tokenizer_without_bos(tmp_path / "raw", model.config.vocab_size)
     raw_state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    assert train.smart_tokenizer_and_embedding_resize(train.missing_special_tokens(tokenizer), tokenizer, model) == 2
+    assert tokens.smart_tokenizer_and_embedding_resize(tokens.missing_special_tokens(tokenizer), tokenizer, model) == 2
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(0.01)
@@ -239,7 +240,7 @@ def test_new_rows_must_match_the_tokens_fine_tuning_adds(dirs, tmp_path):
     # Raw weights without the [PAD] row but a tokenizer that already has a pad token: fine-tuning
     # would add no row, so the diff's extra row cannot be explained.
     raw = save_weights(load_weights(dirs["raw"]), tmp_path / "raw", "safetensors", like=dirs["padded"])
-    with pytest.raises(weight_diff.WeightDiffError, match=r"shape \(400, 32\) in .* but \(401, 32\) .*adds 0 special tokens"):
+    with pytest.raises(utils.UsageError, match=r"shape \(400, 32\) in .* but \(401, 32\) .*adds 0 special tokens"):
         recover_quietly(raw, dirs["diff"], tmp_path / "out")
     assert_nothing_left(tmp_path / "out")
 
@@ -248,7 +249,7 @@ def test_tied_embeddings_stored_once_or_twice(tmp_path):
     # transformers saves a tied lm_head once (safetensors); older .bin checkpoints hold both
     # names. Either way round, the model recovers, with the tie intact.
     model, tokenizer = build_tiny_llama(tmp_path / "raw", tie_word_embeddings=True)
-    train.smart_tokenizer_and_embedding_resize(train.missing_special_tokens(tokenizer), tokenizer, model)
+    tokens.smart_tokenizer_and_embedding_resize(tokens.missing_special_tokens(tokenizer), tokenizer, model)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(0.01)
@@ -310,7 +311,7 @@ def test_output_dtype_bfloat16(dirs, tmp_path):
     expected = {name: t.to(torch.bfloat16) for name, t in load_weights(dirs["recovered"]).items()}
     assert_bit_identical(load_weights(tmp_path / "out"), expected)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
-    with pytest.raises(weight_diff.WeightDiffError, match="is torch.bfloat16, but the manifest holds hashes of float32"):
+    with pytest.raises(utils.UsageError, match="is torch.bfloat16, but the manifest holds hashes of float32"):
         weight_diff.verify(str(tmp_path / "out"), str(dirs["diff"]))
 
 
@@ -368,13 +369,13 @@ def test_verify_catches_a_single_flipped_bit(dirs, tmp_path):
     tampered.view(torch.int32)[3, 5] ^= 1  # the lowest mantissa bit of one value
     tensors["model.layers.1.mlp.up_proj.weight"] = tampered
     save_weights(tensors, tmp_path / "model", "safetensors")
-    with pytest.raises(weight_diff.WeightDiffError, match=r"tensor model\.layers\.1\.mlp\.up_proj\.weight does not match"):
+    with pytest.raises(utils.UsageError, match=r"tensor model\.layers\.1\.mlp\.up_proj\.weight does not match"):
         weight_diff.verify(str(tmp_path / "model"), str(dirs["diff"] / weight_diff.MANIFEST_NAME))
 
 
 def test_wrong_raw_model_is_caught_by_the_manifest(dirs, tmp_path):
     build_tiny_llama(tmp_path / "other_raw", seed=7)
-    with pytest.raises(weight_diff.WeightDiffError, match=r"recovered tensor model\.embed_tokens\.weight does not match .*not the one the diff was made from"):
+    with pytest.raises(utils.UsageError, match=r"recovered tensor model\.embed_tokens\.weight does not match .*not the one the diff was made from"):
         recover_quietly(tmp_path / "other_raw", dirs["diff"], tmp_path / "out")
     assert_nothing_left(tmp_path / "out")
 
@@ -382,7 +383,7 @@ def test_wrong_raw_model_is_caught_by_the_manifest(dirs, tmp_path):
 def test_naive_integrity_check_without_manifest(dirs, tmp_path, capsys):
     diff = save_weights(load_weights(dirs["diff"]), tmp_path / "diff", "safetensors", like=dirs["diff"])
     manifest = json.loads((dirs["diff"] / weight_diff.MANIFEST_NAME).read_text())
-    with pytest.raises(weight_diff.WeightDiffError, match="naive integrity check failed"):
+    with pytest.raises(utils.UsageError, match="naive integrity check failed"):
         recover_quietly(dirs["raw"], diff, tmp_path / "out", expected_sum=manifest["naive_sum"] + 0.5)
     assert_nothing_left(tmp_path / "out")
     recover_quietly(dirs["raw"], diff, tmp_path / "out", expected_sum=manifest["naive_sum"])
@@ -422,7 +423,7 @@ def _diff_variant(dirs, tmp_path, edit) -> pathlib.Path:
 )
 def test_mismatched_tensors(dirs, tmp_path, edit, message):
     diff = _diff_variant(dirs, tmp_path, edit)
-    with pytest.raises(weight_diff.WeightDiffError, match=message):
+    with pytest.raises(utils.UsageError, match=message):
         recover_quietly(dirs["raw"], diff, tmp_path / "out")
     assert_nothing_left(tmp_path / "out")
 
@@ -432,7 +433,7 @@ def test_truncated_shard(dirs, tmp_path, fmt):
     diff = save_weights(load_weights(dirs["diff"]), tmp_path / "diff", fmt, shards=2, like=dirs["diff"])
     shard = sorted(diff.glob(f"*-00002-of-00002.{'safetensors' if fmt == 'safetensors' else 'bin'}"))[0]
     shard.write_bytes(shard.read_bytes()[:-100])
-    with pytest.raises(weight_diff.WeightDiffError, match=rf"{shard.name}: not a readable .*truncated or corrupt"):
+    with pytest.raises(utils.UsageError, match=rf"{shard.name}: not a readable .*truncated or corrupt"):
         recover_quietly(dirs["raw"], diff, tmp_path / "out")
     assert_nothing_left(tmp_path / "out")
 
@@ -440,7 +441,7 @@ def test_truncated_shard(dirs, tmp_path, fmt):
 def test_missing_shard(dirs, tmp_path):
     diff = save_weights(load_weights(dirs["diff"]), tmp_path / "diff", "safetensors", shards=2, like=dirs["diff"])
     (diff / "model-00001-of-00002.safetensors").unlink()
-    with pytest.raises(weight_diff.WeightDiffError, match=r"lists shard model-00001-of-00002\.safetensors, which does not exist"):
+    with pytest.raises(utils.UsageError, match=r"lists shard model-00001-of-00002\.safetensors, which does not exist"):
         recover_quietly(dirs["raw"], diff, tmp_path / "out")
     assert_nothing_left(tmp_path / "out")
 
@@ -465,7 +466,7 @@ def test_pickle_carrying_code_is_refused_without_running_it(dirs, tmp_path):
     marker = tmp_path / "marker"
     diff = save_weights(tensors, tmp_path / "diff", "bin", like=dirs["diff"])
     torch.save({**tensors, "model.norm.weight": _Payload(str(marker))}, diff / "pytorch_model.bin")
-    with pytest.raises(weight_diff.WeightDiffError, match=r"pytorch_model\.bin: refused: unpickling it needs objects other than tensors") as error:
+    with pytest.raises(utils.UsageError, match=r"pytorch_model\.bin: refused: unpickling it needs objects other than tensors") as error:
         recover_quietly(dirs["raw"], diff, tmp_path / "out")
     assert "Unsupported global" in str(error.value) and "weights_only=False" not in str(error.value)
     assert not marker.exists()
@@ -476,10 +477,10 @@ def test_existing_target_needs_overwrite(dirs, tmp_path):
     target = tmp_path / "out"
     target.mkdir()
     (target / "keep.txt").write_text("mine")
-    with pytest.raises(weight_diff.WeightDiffError, match="already exists; pass --overwrite True"):
+    with pytest.raises(utils.UsageError, match="already exists; pass --overwrite True"):
         recover_quietly(dirs["raw"], dirs["diff"], target)
     assert (target / "keep.txt").read_text() == "mine"
-    with pytest.raises(weight_diff.WeightDiffError, match="is an input"):
+    with pytest.raises(utils.UsageError, match="is an input"):
         recover_quietly(dirs["raw"], dirs["diff"], dirs["diff"], overwrite=True)
     recover_quietly(dirs["raw"], dirs["diff"], target, overwrite=True)
     assert not (target / "keep.txt").exists()
@@ -495,6 +496,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "weight_diff.py"), *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
 
 
+@pytest.mark.slow
 def test_command_line_recover_with_test_inference(dirs, tmp_path):
     result = _run("recover", "--path_raw", str(dirs["raw"]), "--path_diff", str(dirs["diff"]), "--path_tuned", str(tmp_path / "out"), "--test_inference", "True")
     assert result.returncode == 0, result.stderr
@@ -506,7 +508,7 @@ def test_command_line_recover_with_test_inference(dirs, tmp_path):
 
     failed = _run("verify", "--path_tuned", str(dirs["raw"]), "--manifest", str(dirs["diff"]))
     assert failed.returncode == 1
-    assert failed.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in failed.stderr
+    assert failed.stderr.strip().splitlines()[-1].startswith("weight_diff.py: error: ") and "Traceback" not in failed.stderr
 
 
 def test_importing_does_not_import_openai():

@@ -1,0 +1,179 @@
+"""The token rules every script shares: which special tokens fine-tuning adds, how the embedding
+matrices grow for them, which ids a model stops and pads with, how a record becomes the token
+ids and labels training learns from, and how examples are batched.
+
+train.py trains with these rules, weight_diff.py recovers the rows they create, inference.py
+loads models made with them and analyze_data.py counts tokens with them, so all four agree."""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import transformers
+from torch.utils.data import Dataset
+
+import utils
+
+IGNORE_INDEX = -100  # the label of a token the loss skips (the prompt, and padding)
+DEFAULT_PAD_TOKEN = "[PAD]"
+DEFAULT_EOS_TOKEN = "</s>"
+DEFAULT_BOS_TOKEN = "<s>"
+DEFAULT_UNK_TOKEN = "<unk>"
+
+
+def missing_special_tokens(tokenizer: transformers.PreTrainedTokenizerBase) -> dict[str, str]:
+    """The special tokens to add: a pad token when there is none, and EOS/BOS/UNK when missing or
+    an empty string (some converted LLaMA tokenizers ship them empty, so EOS is never learned)."""
+    tokens = {}
+    if tokenizer.pad_token is None:
+        tokens["pad_token"] = DEFAULT_PAD_TOKEN
+    defaults = (("eos_token", DEFAULT_EOS_TOKEN), ("bos_token", DEFAULT_BOS_TOKEN), ("unk_token", DEFAULT_UNK_TOKEN))
+    for name, default in defaults:
+        if not getattr(tokenizer, name):
+            tokens[name] = default
+    return tokens
+
+
+def grow_embeddings(model: transformers.PreTrainedModel, vocab_size: int) -> None:
+    """Give the model an embedding row for each of `vocab_size` tokens. Some checkpoints pad the
+    matrix beyond the vocabulary: it is never shrunk, since the new ids may already have rows."""
+    if vocab_size > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(vocab_size, mean_resizing=False)
+
+
+def smart_tokenizer_and_embedding_resize(
+    special_tokens: dict[str, str], tokenizer: transformers.PreTrainedTokenizerBase, model: transformers.PreTrainedModel
+) -> int:
+    """Add special tokens; when that grows the vocabulary, grow the input and output embeddings
+    and set each new token's row to the mean of the old tokens' rows. Returns the number of
+    tokens added."""
+    num_new_tokens = tokenizer.add_special_tokens(special_tokens)
+    if num_new_tokens == 0:
+        return 0
+    grow_embeddings(model, len(tokenizer))
+    weights = [model.get_input_embeddings().weight]
+    if model.get_output_embeddings() is not None and model.get_output_embeddings().weight is not weights[0]:
+        weights.append(model.get_output_embeddings().weight)
+    with _gathered(weights), torch.no_grad():
+        for weight in weights:
+            init_new_rows_to_mean(weight, num_new_tokens, len(tokenizer))
+    return num_new_tokens
+
+
+def init_new_rows_to_mean(weight: torch.Tensor, num_new_rows: int, vocab_size: int | None = None) -> None:
+    """Set the rows of the `num_new_rows` tokens just added, the last ones of a vocabulary of
+    `vocab_size` (by default every row of `weight`), to the mean of the rows before them.
+    weight_diff.py recovers a model's new rows with it, so they are exactly the rows training gave."""
+    end = weight.shape[0] if vocab_size is None else vocab_size
+    weight[end - num_new_rows : end] = weight[: end - num_new_rows].mean(dim=0, keepdim=True)
+
+
+def _gathered(params: list[torch.Tensor]) -> contextlib.AbstractContextManager:
+    """Under DeepSpeed ZeRO-3 parameters are partitioned: gather them (rank 0 edits) first."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    return contextlib.nullcontext()
+
+
+def set_special_token_ids(model: transformers.PreTrainedModel, tokenizer: transformers.PreTrainedTokenizerBase) -> None:
+    """Save the pad id with the model, and make generation stop at the EOS that training
+    appends (it may be a token just added, unknown to the checkpoint's generation config)."""
+    model.config.pad_token_id = tokenizer.pad_token_id
+    generation = model.generation_config
+    if generation is None:
+        return
+    generation.pad_token_id = tokenizer.pad_token_id
+    eos_ids = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
+    if tokenizer.eos_token_id not in eos_ids:
+        generation.eos_token_id = [i for i in eos_ids if i is not None] + [tokenizer.eos_token_id]
+
+
+def tokenize_records(
+    records: Sequence[dict], tokenizer: transformers.PreTrainedTokenizerBase
+) -> list[tuple[list[int], int]]:
+    """Each record's prompt + output as one text, tokenized in one batched call (BOS first when
+    the tokenizer adds one, no EOS yet, nothing cut), with the index of its first response token.
+
+    A token belongs to the response when it ends after the prompt's last character, so a token
+    that merges the end of the prompt with the start of the response (e.g. ":-") is trained."""
+    prompts = [utils.format_prompt(r["instruction"], r.get("input")) for r in records]
+    texts = [prompt + r["output"] for prompt, r in zip(prompts, records, strict=True)]
+    encoded = tokenizer(texts, return_offsets_mapping=True, return_attention_mask=False, verbose=False)
+    return [
+        (ids, bisect.bisect_right([end for _, end in offsets], len(prompt)))
+        for prompt, ids, offsets in zip(prompts, encoded["input_ids"], encoded["offset_mapping"], strict=True)
+    ]
+
+
+def preprocess(
+    records: Sequence[dict], tokenizer: transformers.PreTrainedTokenizerBase, max_length: int
+) -> tuple[list[dict], dict]:
+    """The training examples: EOS appended, the prompt masked out of the labels, at most
+    `max_length` tokens. Returns the examples and counts of skipped (the prompt alone does not
+    fit) and cut (the response was truncated, and so has no EOS)."""
+    examples, skipped, cut = [], 0, 0
+    for ids, response_start in tokenize_records(records, tokenizer):
+        if response_start >= max_length:
+            skipped += 1
+            continue
+        ids = ids + [tokenizer.eos_token_id]
+        if len(ids) > max_length:
+            ids = ids[:max_length]
+            cut += 1
+        labels = [IGNORE_INDEX] * response_start + ids[response_start:]
+        examples.append({"input_ids": ids, "labels": labels})
+    return examples, {"skipped": skipped, "cut": cut}
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+
+
+def run_on_main_process(fn: Callable[[], Any]) -> Any:
+    """Compute fn() once on rank 0 and send the result to the other ranks."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return fn()
+    box = [fn() if torch.distributed.get_rank() == 0 else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class SupervisedDataset(Dataset):
+    """Tokenized examples: each a dict of `input_ids` and `labels` lists."""
+
+    def __init__(self, examples: list[dict]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.examples[i]
+
+
+@dataclass
+class DataCollatorForSupervisedDataset:
+    """Right-pad a batch: pad id for inputs, IGNORE_INDEX for labels, attention from the lengths."""
+
+    pad_token_id: int
+
+    def __call__(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(f["input_ids"]) for f in features)
+        input_ids = torch.full((len(features), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(features), longest), dtype=torch.long)
+        for row, f in enumerate(features):
+            n = len(f["input_ids"])
+            input_ids[row, :n] = torch.tensor(f["input_ids"])
+            labels[row, :n] = torch.tensor(f["labels"])
+            attention_mask[row, :n] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
