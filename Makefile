@@ -25,7 +25,8 @@ $(STAMP): requirements.txt requirements-dev.txt
 	  echo "note: install Debian's chromium and chromium-driver for the web-page test"
 	touch $(STAMP)
 
-test: setup
+# The README's test command (CI runs it): the linter and formatter check, then every test.
+test: setup lint
 	$(PY) -m pytest tests
 
 # The quick tier: every script's quick tests, without the slow, multi-process, browser and

@@ -12,8 +12,8 @@ The chart is the one of the Alpaca README and Figure 2 of the Self-Instruct pape
 of each instruction in the inner ring (the top 20) and each verb's most common direct objects in
 the outer ring (the top 4).
 """
+
 import collections
-import json
 import os
 import sys
 from typing import Any
@@ -35,7 +35,7 @@ IndexedProblem = tuple[int | None, str | None, str]
 
 
 def detect_format(records: list) -> str:
-    """"seed" when the first object in the file has the seed-task keys, else "train"."""
+    """ "seed" when the first object in the file has the seed-task keys, else "train"."""
     first = next((record for record in records if isinstance(record, dict)), {})
     return "seed" if "instances" in first or "is_classification" in first else "train"
 
@@ -104,9 +104,14 @@ def find_problems(records: list, data_format: str) -> list[IndexedProblem]:
 def training_examples(records: list, data_format: str) -> list[dict]:
     """The well-formed {instruction, input, output} examples of the file (a seed task gives one
     per instance); malformed records are left out of the statistics."""
+
     def well_formed(instruction, example):
-        return (isinstance(instruction, str) and isinstance(example, dict)
-                and isinstance(example.get("output"), str) and isinstance(example.get("input", ""), str))
+        return (
+            isinstance(instruction, str)
+            and isinstance(example, dict)
+            and isinstance(example.get("output"), str)
+            and isinstance(example.get("input", ""), str)
+        )
 
     examples = []
     for record in records:
@@ -116,7 +121,9 @@ def training_examples(records: list, data_format: str) -> list[dict]:
         instances = record.get("instances") if data_format == "seed" else [record]
         for example in instances if isinstance(instances, list) else []:
             if well_formed(instruction, example):
-                examples.append({"instruction": instruction, "input": example.get("input", ""), "output": example["output"]})
+                examples.append(
+                    {"instruction": instruction, "input": example.get("input", ""), "output": example["output"]}
+                )
     return examples
 
 
@@ -167,7 +174,9 @@ def token_statistics(examples: list[dict], tokenizer_path: str, max_length: int)
         "tokenizer": tokenizer_path,
         "max_length": max_length,
         "prompt_tokens": length_summary(prompt_tokens),
-        "output_tokens": length_summary([total - prompt for total, prompt in zip(total_tokens, prompt_tokens, strict=True)]),
+        "output_tokens": length_summary(
+            [total - prompt for total, prompt in zip(total_tokens, prompt_tokens, strict=True)]
+        ),
         "total_tokens": length_summary(total_tokens),
         "over_max_length": sum(total > max_length for total in total_tokens),
         "prompt_over_max_length": sum(prompt >= max_length for prompt in prompt_tokens),
@@ -227,8 +236,11 @@ def count_verbs_and_objects(instructions: list[str], nlp, batch_size: int = 256)
 def top_verbs_and_objects(verbs: collections.Counter, objects: dict, top_verbs: int, top_objects: int) -> list[dict]:
     """The `top_verbs` most common root verbs, each with its `top_objects` most common objects."""
     return [
-        {"verb": verb, "count": count,
-         "objects": [{"object": noun, "count": n} for noun, n in objects[verb].most_common(top_objects)]}
+        {
+            "verb": verb,
+            "count": count,
+            "objects": [{"object": noun, "count": n} for noun, n in objects[verb].most_common(top_objects)],
+        }
         for verb, count in verbs.most_common(top_verbs)
     ]
 
@@ -262,8 +274,12 @@ def draw_chart(top: list[dict], path: str, title: str) -> None:
 
     figure, axes = plt.subplots(figsize=(10, 10))
     edge = dict(width=0.3, edgecolor="white", linewidth=0.5)
-    inner, _ = axes.pie(inner_sizes, radius=0.7, colors=inner_colors, startangle=90, counterclock=False, wedgeprops=edge)
-    outer, _ = axes.pie(outer_sizes, radius=1.0, colors=outer_colors, startangle=90, counterclock=False, wedgeprops=edge)
+    inner, _ = axes.pie(
+        inner_sizes, radius=0.7, colors=inner_colors, startangle=90, counterclock=False, wedgeprops=edge
+    )
+    outer, _ = axes.pie(
+        outer_sizes, radius=1.0, colors=outer_colors, startangle=90, counterclock=False, wedgeprops=edge
+    )
     label_wedges(axes, inner, inner_labels, radius=0.55, fontsize=9)
     label_wedges(axes, outer, outer_labels, radius=0.85, fontsize=7)
     axes.set_title(title)
@@ -285,8 +301,15 @@ def label_wedges(axes, wedges, labels: list[str], radius: float, fontsize: int) 
         axes.text(x, y, label, rotation=rotation, rotation_mode="anchor", ha="center", va="center", fontsize=fontsize)
 
 
-def diversity_chart(instructions: list[str], output_dir: str, spacy_model: str, top_verbs: int, top_objects: int,
-                    batch_size: int, title: str) -> dict:
+def diversity_chart(
+    instructions: list[str],
+    output_dir: str,
+    spacy_model: str,
+    top_verbs: int,
+    top_objects: int,
+    batch_size: int,
+    title: str,
+) -> dict:
     """Parse the instructions, write verb_object_chart.png and verb_object_counts.json into
     `output_dir` and return the counts."""
     nlp = load_spacy_model(spacy_model)
@@ -307,25 +330,37 @@ def diversity_chart(instructions: list[str], output_dir: str, spacy_model: str, 
 def print_statistics(path: str, data_format: str, records: list, words: dict, token_stats: dict | None) -> None:
     examples = words["examples"]
     share = 100 * words["with_input"] / examples if examples else 0.0
-    print(f"\n{path}: {'seed-task' if data_format == 'seed' else 'training'} format, {len(records):,} records, "
-          f"{examples:,} well-formed examples, {words['with_input']:,} with an input ({share:.1f}%)")
-    rows = [("instruction words", words["instruction_words"]), ("input words (non-empty)", words["input_words"]),
-            ("output words", words["output_words"])]
+    print(
+        f"\n{path}: {'seed-task' if data_format == 'seed' else 'training'} format, {len(records):,} records, "
+        f"{examples:,} well-formed examples, {words['with_input']:,} with an input ({share:.1f}%)"
+    )
+    rows = [
+        ("instruction words", words["instruction_words"]),
+        ("input words (non-empty)", words["input_words"]),
+        ("output words", words["output_words"]),
+    ]
     if token_stats:
-        rows += [("prompt tokens", token_stats["prompt_tokens"]), ("output tokens", token_stats["output_tokens"]),
-                 ("total tokens", token_stats["total_tokens"])]
+        rows += [
+            ("prompt tokens", token_stats["prompt_tokens"]),
+            ("output tokens", token_stats["output_tokens"]),
+            ("total tokens", token_stats["total_tokens"]),
+        ]
     print(f"{'':24}{'min':>7}{'mean':>9}{'median':>9}{'p90':>9}{'p99':>9}{'max':>8}")
     for name, summary in rows:
         if summary:
-            print(f"{name:24}{summary['min']:>7}{summary['mean']:>9.1f}{summary['median']:>9.1f}{summary['p90']:>9.1f}"
-                  f"{summary['p99']:>9.1f}{summary['max']:>8}")
+            print(
+                f"{name:24}{summary['min']:>7}{summary['mean']:>9.1f}{summary['median']:>9.1f}{summary['p90']:>9.1f}"
+                f"{summary['p99']:>9.1f}{summary['max']:>8}"
+            )
     if data_format == "seed":
         classification = sum(isinstance(record, dict) and record.get("is_classification") is True for record in records)
         print(f"classification tasks: {classification:,}")
     if token_stats:
-        print(f"longer than max_length={token_stats['max_length']} tokens (truncated in training): "
-              f"{token_stats['over_max_length']:,}; of them with a prompt alone that long (no response token left): "
-              f"{token_stats['prompt_over_max_length']:,}")
+        print(
+            f"longer than max_length={token_stats['max_length']} tokens (truncated in training): "
+            f"{token_stats['over_max_length']:,}; of them with a prompt alone that long (no response token left): "
+            f"{token_stats['prompt_over_max_length']:,}"
+        )
 
 
 def main(
@@ -383,11 +418,20 @@ def main(
 
     if output_dir:
         title = f"{os.path.basename(data_path)}: root verbs (inner) and their direct objects (outer)"
-        counts = diversity_chart([example["instruction"] for example in examples], output_dir, spacy_model,
-                                 top_verbs, top_objects, batch_size, title)
-        print(f"\nroot verbs of {counts['distinct_instructions']:,} distinct instructions "
-              f"({counts['with_root_verb']:,} with a root verb, {counts['with_root_verb_and_object']:,} "
-              f"with a noun object too), parsed with {counts['spacy_model']}:")
+        counts = diversity_chart(
+            [example["instruction"] for example in examples],
+            output_dir,
+            spacy_model,
+            top_verbs,
+            top_objects,
+            batch_size,
+            title,
+        )
+        print(
+            f"\nroot verbs of {counts['distinct_instructions']:,} distinct instructions "
+            f"({counts['with_root_verb']:,} with a root verb, {counts['with_root_verb_and_object']:,} "
+            f"with a noun object too), parsed with {counts['spacy_model']}:"
+        )
         for entry in counts["top_verbs"]:
             objects = ", ".join(f"{item['object']} {item['count']}" for item in entry["objects"])
             print(f"  {entry['verb']:>12} {entry['count']:>7,}   {objects}")

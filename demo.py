@@ -10,6 +10,7 @@
 Every step runs the project's own command line, printed before it runs, and leaves its output in
 one demo directory. `--quick True` is the reduced form the test suite runs.
 """
+
 import json
 import os
 import pathlib
@@ -76,16 +77,39 @@ def generate_with_base_model(base: str, out: pathlib.Path, requests: int, max_to
     with open(log, "w") as f:
         server = subprocess.Popen(
             [sys.executable, "inference.py", "--model_name_or_path", base, "--serve", "True", "--port", str(port)],
-            cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            stdout=f,
+            stderr=subprocess.STDOUT,
         )
     try:
         wait_until_serving(api_base, server, log)
-        run([
-            "-m", "generate_instruction", "generate_instruction_following_data", "--output_dir", out / "generate",
-            "--api_base", api_base, "--model_name", "SmolLM2-135M-Instruct", "--num_instructions_to_generate", 20,
-            "--max_requests", requests, "--request_batch_size", 2, "--max_tokens", max_tokens,
-            "--temperature", 0.7, "--seed", 0, "--num_cpus", 1,
-        ])
+        run(
+            [
+                "-m",
+                "generate_instruction",
+                "generate_instruction_following_data",
+                "--output_dir",
+                out / "generate",
+                "--api_base",
+                api_base,
+                "--model_name",
+                "SmolLM2-135M-Instruct",
+                "--num_instructions_to_generate",
+                20,
+                "--max_requests",
+                requests,
+                "--request_batch_size",
+                2,
+                "--max_tokens",
+                max_tokens,
+                "--temperature",
+                0.7,
+                "--seed",
+                0,
+                "--num_cpus",
+                1,
+            ]
+        )
     finally:
         server.terminate()
         server.wait()
@@ -107,39 +131,104 @@ def fine_tune(base: str, out: pathlib.Path, num_records: int, steps: int) -> pat
     data = out / "train_slice.json"
     utils.jdump(records, data)
     tuned = out / "tuned"
-    run([
-        "train.py", "--model_name_or_path", base, "--data_path", data, "--output_dir", tuned,
-        "--max_steps", steps, "--per_device_train_batch_size", 4, "--learning_rate", 1e-4,
-        "--lr_scheduler_type", "constant", "--model_max_length", 256, "--padding_free", True,
-        "--logging_steps", 1, "--save_strategy", "no", "--report_to", "none",
-    ])
+    run(
+        [
+            "train.py",
+            "--model_name_or_path",
+            base,
+            "--data_path",
+            data,
+            "--output_dir",
+            tuned,
+            "--max_steps",
+            steps,
+            "--per_device_train_batch_size",
+            4,
+            "--learning_rate",
+            1e-4,
+            "--lr_scheduler_type",
+            "constant",
+            "--model_max_length",
+            256,
+            "--padding_free",
+            True,
+            "--logging_steps",
+            1,
+            "--save_strategy",
+            "no",
+            "--report_to",
+            "none",
+        ]
+    )
     return tuned
 
 
 def release_and_recover(base: str, tuned: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
     diff, recovered = out / "diff", out / "recovered"
-    run(["weight_diff.py", "make_diff", "--path_raw", base, "--path_tuned", tuned, "--path_diff", diff, "--overwrite", True])
-    run([
-        "weight_diff.py", "recover", "--path_raw", base, "--path_diff", diff, "--path_tuned", recovered,
-        "--test_inference", False, "--overwrite", True,
-    ])
+    run(
+        [
+            "weight_diff.py",
+            "make_diff",
+            "--path_raw",
+            base,
+            "--path_tuned",
+            tuned,
+            "--path_diff",
+            diff,
+            "--overwrite",
+            True,
+        ]
+    )
+    run(
+        [
+            "weight_diff.py",
+            "recover",
+            "--path_raw",
+            base,
+            "--path_diff",
+            diff,
+            "--path_tuned",
+            recovered,
+            "--test_inference",
+            False,
+            "--overwrite",
+            True,
+        ]
+    )
     return recovered
 
 
-def compare(base: str, recovered: pathlib.Path, out: pathlib.Path, instructions: list[dict], max_new_tokens: int) -> None:
+def compare(
+    base: str, recovered: pathlib.Path, out: pathlib.Path, instructions: list[dict], max_new_tokens: int
+) -> None:
     questions = out / "showcase.json"
     utils.jdump(instructions, questions)
     answers = {}
     for name, model in (("base", base), ("fine-tuned", recovered)):
         answer_file = out / f"showcase_{name}.json"
         answer_file.unlink(missing_ok=True)
-        run([
-            "inference.py", "--model_name_or_path", model, "--input_file", questions, "--output_file", answer_file,
-            "--max_new_tokens", max_new_tokens, "--batch_size", len(instructions),
-        ], log=out / f"showcase_{name}.log")
+        run(
+            [
+                "inference.py",
+                "--model_name_or_path",
+                model,
+                "--input_file",
+                questions,
+                "--output_file",
+                answer_file,
+                "--max_new_tokens",
+                max_new_tokens,
+                "--batch_size",
+                len(instructions),
+            ],
+            log=out / f"showcase_{name}.log",
+        )
         answers[name] = utils.jload(answer_file)
     for number, question in enumerate(instructions):
-        print(f"\n### Instruction: {question['instruction']}" + (f"\n### Input: {question['input']}" if question["input"] else ""))
+        print(
+            f"\n### Instruction: {question['instruction']}"
+            + (f"\n### Input: {question['input']}" if question["input"] else "")
+        )
         for name in answers:
             print(f"--- {name}:\n{answers[name][number]['output'].strip()}")
 

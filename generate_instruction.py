@@ -13,6 +13,7 @@ The endpoint is `--api_base` (else $OPENAI_BASE_URL, else OpenAI) with the key i
 $OPENAI_API_KEY: OpenAI, vLLM, llama.cpp's server and Ollama all work, through the completions
 API (several prompts per request, as the original) or the chat API (one prompt per request).
 """
+
 import collections
 import contextlib
 import dataclasses
@@ -23,7 +24,6 @@ import os
 import random
 import re
 import string
-import sys
 import threading
 import time
 from concurrent.futures import Future
@@ -198,7 +198,9 @@ class Endpoint:
             raise StopGeneration("OPENAI_API_KEY is not set (local servers accept any key; pass --api_base for one)")
         # vLLM, llama.cpp and Ollama do not check the key, but the client needs one. The client's
         # own retries are off: this class decides what to retry and how long to wait.
-        self.client = openai.OpenAI(api_key=self._api_key or "EMPTY", base_url=base_url, timeout=request_timeout, max_retries=0)
+        self.client = openai.OpenAI(
+            api_key=self._api_key or "EMPTY", base_url=base_url, timeout=request_timeout, max_retries=0
+        )
         self.where = base_url or "api.openai.com"
         self.model_name = model_name
         self.style = api_style  # "auto" until the endpoint has shown which API it serves
@@ -236,15 +238,21 @@ class Endpoint:
                 self._settle_max_tokens(max_tokens)
                 return completion
             except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
-                raise StopGeneration(f"{self.where} refused the request ({e.status_code}): {self._masked(_message(e))}") from None
+                raise StopGeneration(
+                    f"{self.where} refused the request ({e.status_code}): {self._masked(_message(e))}"
+                ) from None
             except openai.NotFoundError as e:
-                raise StopGeneration(f"model {self.model_name!r} is not available at {self.where}: {self._masked(_message(e))}") from None
+                raise StopGeneration(
+                    f"model {self.model_name!r} is not available at {self.where}: {self._masked(_message(e))}"
+                ) from None
             except openai.BadRequestError as e:
                 if not _is_context_length_error(e):
                     raise RequestFailed(f"bad request: {self._masked(_message(e))}") from None
                 max_tokens = self._smaller_max_tokens(e, max_tokens)
                 if max_tokens is None:
-                    raise RequestFailed(f"the prompt does not fit the model's context: {self._masked(_message(e))}") from None
+                    raise RequestFailed(
+                        f"the prompt does not fit the model's context: {self._masked(_message(e))}"
+                    ) from None
             except (openai.APIConnectionError, openai.APIStatusError) as e:
                 if isinstance(e, openai.RateLimitError) and getattr(e, "code", None) == "insufficient_quota":
                     raise StopGeneration(f"{self.where}: quota exhausted: {self._masked(_message(e))}") from None
@@ -283,7 +291,11 @@ class Endpoint:
         try:
             with _malformed_is_failure():
                 response = self.client.completions.create(
-                    model=self.model_name, prompt=prompts if len(prompts) > 1 else prompts[0], max_tokens=max_tokens, n=1, **self.sampling
+                    model=self.model_name,
+                    prompt=prompts if len(prompts) > 1 else prompts[0],
+                    max_tokens=max_tokens,
+                    n=1,
+                    **self.sampling,
                 )
                 # llama.cpp's llama-server answers a list of prompts with a JSON array of
                 # completion objects, one per prompt, which the client returns as a list.
@@ -296,7 +308,9 @@ class Endpoint:
                 raise
             completion = None
         if completion is not None and len(completion.choices) != len(prompts) and len(prompts) == 1:
-            raise RequestFailed(f"malformed response: {len(completion.choices)} choices for 1 prompt", "malformed_responses")
+            raise RequestFailed(
+                f"malformed response: {len(completion.choices)} choices for 1 prompt", "malformed_responses"
+            )
         if completion is None or len(completion.choices) != len(prompts):
             # Some servers (Ollama, older llama.cpp) take one prompt per request.
             self.one_prompt_per_call = True
@@ -309,7 +323,11 @@ class Endpoint:
         for prompt in prompts:
             with _malformed_is_failure():
                 response = self.client.chat.completions.create(
-                    model=self.model_name, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, n=1, **self.sampling
+                    model=self.model_name,
+                    messages=[{"role": "user", "content": prompt}],
+                    max_tokens=max_tokens,
+                    n=1,
+                    **self.sampling,
                 )
                 choice = response.choices[0]
                 answers.append(Completion([(choice.message.content or "", choice.finish_reason)], *_usage(response)))
@@ -327,7 +345,9 @@ class Endpoint:
         # OpenAI and older vLLM: "... (1000 in your prompt; ...)" or "(28 in the messages, ...)";
         # current vLLM: "... and your request has 28 input tokens ...".
         numbers = re.search(
-            r"maximum context length is (\d+) tokens.*?(\d+) (?:in (?:your|the) (?:prompt|messages)|input tokens)", _message(error), re.S
+            r"maximum context length is (\d+) tokens.*?(\d+) (?:in (?:your|the) (?:prompt|messages)|input tokens)",
+            _message(error),
+            re.S,
         )
         if numbers:
             room = int(numbers[1]) - int(numbers[2])
@@ -424,7 +444,9 @@ def _describe(error: Exception) -> str:
 
 def _is_context_length_error(error: openai.APIError) -> bool:
     text = _message(error).lower()
-    return getattr(error, "code", None) == "context_length_exceeded" or "context length" in text or "context size" in text
+    return (
+        getattr(error, "code", None) == "context_length_exceeded" or "context length" in text or "context size" in text
+    )
 
 
 # ----------------------------------------------------------------------------- output files
@@ -543,7 +565,9 @@ def candidate_tasks(completion: Completion, num_prompt_instructions: int, counts
     return candidates
 
 
-def cost(counts: collections.Counter, price_per_1k_prompt_tokens: float | None, price_per_1k_completion_tokens: float | None) -> float | None:
+def cost(
+    counts: collections.Counter, price_per_1k_prompt_tokens: float | None, price_per_1k_completion_tokens: float | None
+) -> float | None:
     """What the tokens counted so far cost, or None when no price is given."""
     if price_per_1k_prompt_tokens is None and price_per_1k_completion_tokens is None:
         return None
@@ -628,10 +652,14 @@ def generate_instruction_following_data(
     if max_requests is not None and max_requests < 1:
         raise UsageError("--max_requests must be at least 1")
     if min(num_prompt_instructions, request_batch_size, max_concurrency, max_consecutive_failures) < 1:
-        raise UsageError("--num_prompt_instructions, --request_batch_size, --max_concurrency and --max_consecutive_failures must be at least 1")
+        raise UsageError(
+            "--num_prompt_instructions, --request_batch_size, --max_concurrency and --max_consecutive_failures must be at least 1"
+        )
     seed_instruction_data = load_seed_tasks(seed_tasks_path)
     if len(seed_instruction_data) < num_prompt_instructions:
-        raise UsageError(f"{seed_tasks_path}: {len(seed_instruction_data)} seed tasks, fewer than --num_prompt_instructions")
+        raise UsageError(
+            f"{seed_tasks_path}: {len(seed_instruction_data)} seed tasks, fewer than --num_prompt_instructions"
+        )
     encode_prompt([], prompt_path)  # fail now, not in a request thread, when prompt.txt is missing
     print(f"Loaded {len(seed_instruction_data)} human-written seed instructions")
 
@@ -646,14 +674,31 @@ def generate_instruction_following_data(
     summary = load_summary(summary_path if os.path.exists(regen_path) else None)
     counts, batches_done = summary["counts"], summary["batches_done"]
     stop_event = threading.Event()
-    endpoint = Endpoint(model_name, api_base, api_style, max_tokens, temperature, top_p, request_timeout, max_retries, retry_base_delay, stop_event)
+    endpoint = Endpoint(
+        model_name,
+        api_base,
+        api_style,
+        max_tokens,
+        temperature,
+        top_p,
+        request_timeout,
+        max_retries,
+        retry_base_delay,
+        stop_event,
+    )
     start = time.monotonic()
 
     def prompts_of_batch(batch_number: int) -> list[str]:
         # One generator per batch: the prompts of batch b are the same whatever ran before it.
         rng = random.Random(f"{seed}:{batch_number}") if seed is not None else random.Random()
         return batch_prompts(
-            rng, seed_instruction_data, kept.tasks, request_batch_size, num_prompt_instructions, num_machine_instructions, prompt_path
+            rng,
+            seed_instruction_data,
+            kept.tasks,
+            request_batch_size,
+            num_prompt_instructions,
+            num_machine_instructions,
+            prompt_path,
         )
 
     def write_summary(status: str) -> None:
@@ -696,15 +741,23 @@ def generate_instruction_following_data(
                 progress.update(newly_kept)
             batches_done += 1
             counts["requests"] += 1
-            shown = {k.removeprefix("dropped_"): v for k, v in counts.items() if k.startswith("dropped_") or k in ("generated", "failed_requests")}
+            shown = {
+                k.removeprefix("dropped_"): v
+                for k, v in counts.items()
+                if k.startswith("dropped_") or k in ("generated", "failed_requests")
+            }
             progress.set_postfix(shown, refresh=False)
             if candidates:
                 consecutive_failures = 0
             else:
                 consecutive_failures += 1
-                last_error = str(completion.failures[-1]) if completion.failures else "the completions held no usable task"
+                last_error = (
+                    str(completion.failures[-1]) if completion.failures else "the completions held no usable task"
+                )
                 if consecutive_failures >= max_consecutive_failures:
-                    raise StopGeneration(f"{consecutive_failures} requests in a row failed or gave nothing usable; last: {last_error}")
+                    raise StopGeneration(
+                        f"{consecutive_failures} requests in a row failed or gave nothing usable; last: {last_error}"
+                    )
             # The summary is accounting only: once a second is enough. After a crash it may lag,
             # and the resumed run repeats those requests (with a deterministic endpoint, their
             # tasks duplicate kept ones and are dropped).
@@ -727,7 +780,9 @@ def generate_instruction_following_data(
 
 
 def main() -> None:
-    utils.run_fire({"generate_instruction_following_data": generate_instruction_following_data}, errors=(StopGeneration, OSError))
+    utils.run_fire(
+        {"generate_instruction_following_data": generate_instruction_following_data}, errors=(StopGeneration, OSError)
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Prompts use the Alpaca template from utils.py, the one training used.
 """
 
 from __future__ import annotations
+
 import collections
 import contextlib
 import json
@@ -21,10 +22,11 @@ import threading
 import time
 import traceback
 import uuid
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import fire
 import torch
@@ -34,7 +36,6 @@ from tqdm import tqdm
 import tokens
 import utils
 from utils import UsageError, format_prompt, jdump
-
 
 # ---------------------------------------------------------------------------------------------
 # Loading
@@ -114,11 +115,11 @@ class TextDecoder:
         self.text = ""
 
     def _added(self) -> str:
-        before = self.tokenizer.decode(self.ids[self.start:self.done], skip_special_tokens=True)
-        after = self.tokenizer.decode(self.ids[self.start:], skip_special_tokens=True)
+        before = self.tokenizer.decode(self.ids[self.start : self.done], skip_special_tokens=True)
+        after = self.tokenizer.decode(self.ids[self.start :], skip_special_tokens=True)
         # `after` extends `before`, except with tokenizers whose clean-up rewrites text across
         # tokens; then what differs is appended, so that no text is lost.
-        return after[len(os.path.commonprefix([before, after])):]
+        return after[len(os.path.commonprefix([before, after])) :]
 
     def add(self, token: int) -> None:
         self.ids.append(token)
@@ -142,8 +143,12 @@ def find_stop(text: str, stop: Sequence[str]) -> int:
 
 
 def text_pieces(
-    tokenizer, prompt_ids: Sequence[int], token_lists: Iterable[list[int]], stop: Sequence[str],
-    end_ids: set[int], eos_ids: set[int],
+    tokenizer,
+    prompt_ids: Sequence[int],
+    token_lists: Iterable[list[int]],
+    stop: Sequence[str],
+    end_ids: set[int],
+    eos_ids: set[int],
 ) -> Iterator[tuple[str, str | None]]:
     """Turn generated tokens (arriving as lists) into text, yielding `(new_text, None)` as it
     becomes final and lastly `(last_text, finish_reason)`. The text ends before the first end
@@ -193,7 +198,7 @@ def complete_batch(
     output = model.generate(**batch, max_new_tokens=max_new_tokens, **decoding)
     end_ids, eos_ids = end_token_ids(model, tokenizer)
     completions = []
-    for prompt_ids, new_ids in zip(encoded, output[:, batch["input_ids"].shape[1]:].tolist()):
+    for prompt_ids, new_ids in zip(encoded, output[:, batch["input_ids"].shape[1] :].tolist()):
         pieces = list(text_pieces(tokenizer, prompt_ids, [new_ids], stop, end_ids, eos_ids))
         generated = next((i for i, token in enumerate(new_ids) if token in end_ids), len(new_ids))
         completions.append(Generation("".join(p for p, _ in pieces), pieces[-1][1], len(prompt_ids), generated))
@@ -363,8 +368,15 @@ def write_outputs(done: dict[int, dict], output_file: str) -> None:
 
 
 def run_batch(
-    model, tokenizer, records: list[dict], done: dict[int, dict], output_file: str, generator: str,
-    batch_size: int, max_new_tokens: int, **decoding,
+    model,
+    tokenizer,
+    records: list[dict],
+    done: dict[int, dict],
+    output_file: str,
+    generator: str,
+    batch_size: int,
+    max_new_tokens: int,
+    **decoding,
 ) -> None:
     """Respond to every record not `done`, writing all responses as `{instruction, input, output,
     generator}` records (AlpacaEval's model_outputs.json shape, other fields kept) in input order
@@ -376,12 +388,16 @@ def run_batch(
     todo.sort(key=lambda index: -len(prompts[index]))
     with tqdm(total=len(todo), desc="generating", unit="record") as progress:
         for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
+            chunk = todo[start : start + batch_size]
             completions = complete_batch(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens, **decoding)
             for index, completion in zip(chunk, completions):
                 record = records[index]
-                done[index] = {**record, "input": record.get("input") or "", "output": completion.text.strip(),
-                               "generator": generator}
+                done[index] = {
+                    **record,
+                    "input": record.get("input") or "",
+                    "output": completion.text.strip(),
+                    "generator": generator,
+                }
             write_outputs(done, output_file)
             progress.update(len(chunk))
 
@@ -458,8 +474,9 @@ class RequestError(Exception):
         self.status, self.code = status, code
 
 
-def get_field(body: dict, name: str, kind: type | tuple, default: Any, low: float | None = None,
-              high: float | None = None) -> Any:
+def get_field(
+    body: dict, name: str, kind: type | tuple, default: Any, low: float | None = None, high: float | None = None
+) -> Any:
     """`body[name]` checked for type and range, or `default` when absent or null."""
     value = body.get(name)
     if value is None:
@@ -489,8 +506,16 @@ class InferenceServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], model, tokenizer, model_id: str, max_new_tokens: int,
-                 batch_size: int, defaults: dict):
+    def __init__(
+        self,
+        address: tuple[str, int],
+        model,
+        tokenizer,
+        model_id: str,
+        max_new_tokens: int,
+        batch_size: int,
+        defaults: dict,
+    ):
         super().__init__(address, RequestHandler)
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
         self.max_new_tokens, self.batch_size, self.defaults = max_new_tokens, batch_size, defaults
@@ -536,8 +561,12 @@ class RequestHandler(BaseHTTPRequestHandler):
         if self.path == "/":
             self.send_body(HTTPStatus.OK, "text/html; charset=utf-8", PAGE.encode())
         elif self.path == "/v1/models":
-            self.send_json({"object": "list", "data": [
-                {"id": self.server.model_id, "object": "model", "created": 0, "owned_by": "local"}]})
+            self.send_json(
+                {
+                    "object": "list",
+                    "data": [{"id": self.server.model_id, "object": "model", "created": 0, "owned_by": "local"}],
+                }
+            )
         else:
             self.send_error_json(HTTPStatus.NOT_FOUND, f"no such path: {self.path}")
 
@@ -581,8 +610,9 @@ class RequestHandler(BaseHTTPRequestHandler):
         top_p = get_field(body, "top_p", (int, float), defaults["top_p"], 0, 1)
         if top_p == 0:
             raise RequestError("'top_p' must be above 0")
-        decoding = decoding_kwargs(temperature, top_p, defaults["top_k"], defaults["num_beams"],
-                                   defaults["repetition_penalty"])
+        decoding = decoding_kwargs(
+            temperature, top_p, defaults["top_k"], defaults["num_beams"], defaults["repetition_penalty"]
+        )
         return dict(
             max_tokens=max_tokens,
             stop=[s for s in stop if s],
@@ -605,7 +635,8 @@ class RequestHandler(BaseHTTPRequestHandler):
                 raise RequestError(
                     f"This model's maximum context length is {context} tokens, however you requested "
                     f"{prompt_length + 1} tokens ({prompt_length} in your prompt; 1 for the completion). "
-                    "Please reduce the length of the prompt.", code="context_length_exceeded",
+                    "Please reduce the length of the prompt.",
+                    code="context_length_exceeded",
                 )
             max_tokens = min(max_tokens, context - prompt_length)
         return max_tokens
@@ -636,8 +667,11 @@ class RequestHandler(BaseHTTPRequestHandler):
         max_tokens = self.check_length(prompts, sampling["max_tokens"])
         # Choice i * n + j is the j-th completion of prompt i, as in the OpenAI API.
         expanded = [prompt for prompt in prompts for _ in range(sampling["n"])]
-        header = {"id": f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex}",
-                  "created": int(time.time()), "model": self.server.model_id}
+        header = {
+            "id": f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex}",
+            "created": int(time.time()),
+            "model": self.server.model_id,
+        }
         with self.server.lock:
             if sampling["seed"] is not None:  # any integer, as OpenAI takes; numpy's seeds are 32-bit
                 transformers.set_seed(sampling["seed"] % 2**32)
@@ -647,20 +681,41 @@ class RequestHandler(BaseHTTPRequestHandler):
             completions = []
             for start in range(0, len(expanded), self.server.batch_size):
                 completions += complete_batch(
-                    self.server.model, self.server.tokenizer, expanded[start:start + self.server.batch_size],
-                    max_tokens, sampling["stop"], **sampling["decoding"],
+                    self.server.model,
+                    self.server.tokenizer,
+                    expanded[start : start + self.server.batch_size],
+                    max_tokens,
+                    sampling["stop"],
+                    **sampling["decoding"],
                 )
         if kind == "chat.completion":
-            choices = [{"index": i, "message": {"role": "assistant", "content": c.text.strip()},
-                        "finish_reason": c.finish_reason} for i, c in enumerate(completions)]
+            choices = [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": c.text.strip()},
+                    "finish_reason": c.finish_reason,
+                }
+                for i, c in enumerate(completions)
+            ]
         else:
-            choices = [{"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
-                       for i, c in enumerate(completions)]
-        prompt_tokens = sum(c.prompt_tokens for c in completions[::sampling["n"]])
+            choices = [
+                {"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
+                for i, c in enumerate(completions)
+            ]
+        prompt_tokens = sum(c.prompt_tokens for c in completions[:: sampling["n"]])
         completion_tokens = sum(c.completion_tokens for c in completions)
-        self.send_json({**header, "object": kind, "choices": choices, "usage": {
-            "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}})
+        self.send_json(
+            {
+                **header,
+                "object": kind,
+                "choices": choices,
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                },
+            }
+        )
 
     def stream(self, kind: str, header: dict, prompts: list[str], max_tokens: int, sampling: dict) -> None:
         """Server-sent events: one chunk per piece of text, choices one after another, then [DONE]."""
@@ -677,14 +732,22 @@ class RequestHandler(BaseHTTPRequestHandler):
 
         try:
             for index, prompt in enumerate(prompts):
-                generation = stream_completion(self.server.model, self.server.tokenizer, prompt, max_tokens,
-                                               sampling["stop"], **sampling["decoding"])
+                generation = stream_completion(
+                    self.server.model,
+                    self.server.tokenizer,
+                    prompt,
+                    max_tokens,
+                    sampling["stop"],
+                    **sampling["decoding"],
+                )
                 # Closing the generation stops it at once when the client has gone away.
                 with contextlib.closing(generation):
                     if chat:
                         send({"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
                         for delta, reason in stripped(generation):
-                            send({"index": index, "delta": {"content": delta} if delta else {}, "finish_reason": reason})
+                            send(
+                                {"index": index, "delta": {"content": delta} if delta else {}, "finish_reason": reason}
+                            )
                     else:
                         for delta, reason in generation:
                             send({"index": index, "text": delta, "logprobs": None, "finish_reason": reason})
@@ -692,20 +755,27 @@ class RequestHandler(BaseHTTPRequestHandler):
             raise
         except Exception as error:  # the status line is gone already: report in the stream
             traceback.print_exc()
-            self.wfile.write(f"data: {json.dumps({'error': {'message': str(error), 'type': 'server_error'}})}\n\n".encode())
+            self.wfile.write(
+                f"data: {json.dumps({'error': {'message': str(error), 'type': 'server_error'}})}\n\n".encode()
+            )
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
 
 
-def run_server(model, tokenizer, model_id: str, host: str, port: int, max_new_tokens: int, batch_size: int,
-               defaults: dict) -> None:
+def run_server(
+    model, tokenizer, model_id: str, host: str, port: int, max_new_tokens: int, batch_size: int, defaults: dict
+) -> None:
     """Serve until interrupted; `defaults` are the decoding flags requests may override."""
     try:
         server = InferenceServer((host, port), model, tokenizer, model_id, max_new_tokens, batch_size, defaults)
     except OSError as error:
         raise UsageError(f"cannot listen on {host}:{port}: {error}") from None
-    print(f"serving {model_id} on http://{host}:{server.server_port}/ (OpenAI API at "
-          f"http://{host}:{server.server_port}/v1)", file=sys.stderr, flush=True)
+    print(
+        f"serving {model_id} on http://{host}:{server.server_port}/ (OpenAI API at "
+        f"http://{host}:{server.server_port}/v1)",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -718,9 +788,22 @@ def run_server(model, tokenizer, model_id: str, host: str, port: int, max_new_to
 
 
 # fire would read text such as "1, 2" or "{a: 1}" as a tuple or a dict: these flags are text as given.
-@fire.decorators.SetParseFns(**dict.fromkeys(
-    ["model_name_or_path", "instruction", "input", "lora_weights", "input_file", "output_file", "host", "generator",
-     "dtype"], str))
+@fire.decorators.SetParseFns(
+    **dict.fromkeys(
+        [
+            "model_name_or_path",
+            "instruction",
+            "input",
+            "lora_weights",
+            "input_file",
+            "output_file",
+            "host",
+            "generator",
+            "dtype",
+        ],
+        str,
+    )
+)
 def main(
     model_name_or_path: str,
     instruction: str | None = None,
@@ -788,12 +871,18 @@ def main(
     model, tokenizer = load_model_and_tokenizer(model_name_or_path, lora_weights, dtype)
     decoding = decoding_kwargs(temperature, top_p, top_k, num_beams, repetition_penalty)
     if serve:
-        defaults = dict(temperature=temperature, top_p=top_p, top_k=top_k, num_beams=num_beams,
-                        repetition_penalty=repetition_penalty)
+        defaults = dict(
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            num_beams=num_beams,
+            repetition_penalty=repetition_penalty,
+        )
         run_server(model, tokenizer, name, host, port, max_new_tokens, batch_size, defaults)
     elif input_file is not None:
-        run_batch(model, tokenizer, records, done, output_file, generator or name, batch_size, max_new_tokens,
-                  **decoding)
+        run_batch(
+            model, tokenizer, records, done, output_file, generator or name, batch_size, max_new_tokens, **decoding
+        )
     elif instruction is not None:
         print_response(model, tokenizer, instruction, input, max_new_tokens, **decoding)
     else:

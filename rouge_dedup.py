@@ -9,6 +9,7 @@ candidates at once in `process.cdist`) counts common words. The F-measure is the
 rouge_score's float formula, operation for operation, so every score is bit-identical to
 `rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)` and every keep/drop decision is the same.
 """
+
 import collections
 import re
 from collections.abc import Iterable, Sequence
@@ -87,7 +88,9 @@ class RougeLIndex:
     def _register_words(self, instructions: Sequence[str]) -> None:
         """Give new words ids, most frequent first: rapidfuzz looks up characters below 256 in a
         table and others in a hash map, so frequent words with small ids make the LCS faster."""
-        frequencies = collections.Counter(token for instruction in instructions for token in rouge_tokenize(instruction))
+        frequencies = collections.Counter(
+            token for instruction in instructions for token in rouge_tokenize(instruction)
+        )
         for token, _ in frequencies.most_common():
             self._vocabulary.setdefault(token, len(self._vocabulary))
 
@@ -182,7 +185,9 @@ class RougeLIndex:
                 self._append(instruction, encoded[i])
         return keep
 
-    def _exceeds_index(self, encoded: list[str], lengths: np.ndarray, threshold: float, group_size: int = 64) -> np.ndarray:
+    def _exceeds_index(
+        self, encoded: list[str], lengths: np.ndarray, threshold: float, group_size: int = 64
+    ) -> np.ndarray:
         """Whether each encoded query has an F-measure above `threshold` against the index,
         comparing only with indexed instructions whose token count could get there."""
         order = np.argsort(self.lengths, kind="stable")
@@ -201,6 +206,8 @@ class RougeLIndex:
                 continue
             low = np.searchsorted(sorted_lengths, distinct_lengths[reachable].min(), side="left")
             high = np.searchsorted(sorted_lengths, distinct_lengths[reachable].max(), side="right")
-            fmeasures = self._lcs_fmeasures([encoded[i] for i in group], sorted_encoded[low:high], sorted_lengths[low:high])
+            fmeasures = self._lcs_fmeasures(
+                [encoded[i] for i in group], sorted_encoded[low:high], sorted_lengths[low:high]
+            )
             exceeds[group] = (fmeasures > threshold).any(axis=1)
         return exceeds

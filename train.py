@@ -107,7 +107,8 @@ class OldSpellings:
 
     evaluation_strategy: str | None = field(default=None, metadata={"help": "Old name of --eval_strategy."})
     warmup_ratio: float | None = field(
-        default=None, metadata={"help": "Old spelling of a fractional --warmup_steps: warmup over this share of all steps."}
+        default=None,
+        metadata={"help": "Old spelling of a fractional --warmup_steps: warmup over this share of all steps."},
     )
     group_by_length: bool = field(
         default=False, metadata={"help": "Old spelling of --train_sampling_strategy group_by_length."}
@@ -152,7 +153,10 @@ def build_parser(with_trainer: bool) -> transformers.HfArgumentParser:
     description, _, _ = __doc__.partition("Run `python train.py --help")
     types = PROJECT_ARGUMENTS + ((trainer_arguments_class(),) if with_trainer else ())
     return transformers.HfArgumentParser(
-        types, prog="train.py", description=description.strip(), epilog=None if with_trainer else HELP_EPILOG,
+        types,
+        prog="train.py",
+        description=description.strip(),
+        epilog=None if with_trainer else HELP_EPILOG,
         formatter_class=HelpFormatter,
     )
 
@@ -246,14 +250,18 @@ def adapt_to_hardware(trainer: dict[str, Any]) -> None:
         if trainer.get("tf32") and torch.cuda.get_device_capability()[0] < 8:
             raise UsageError("--tf32 True needs an NVIDIA Ampere (or newer) GPU; this GPU has no TF32. Drop the flag.")
         if trainer.get("bf16") and not torch.cuda.is_bf16_supported(including_emulation=False):
-            raise UsageError("--bf16 True needs a GPU with bfloat16 support (Ampere or newer); use --fp16 True instead.")
+            raise UsageError(
+                "--bf16 True needs a GPU with bfloat16 support (Ampere or newer); use --fp16 True instead."
+            )
 
 
 def training_arguments(trainer: dict[str, Any]) -> transformers.TrainingArguments:
     """Set up the run time (launcher environment, devices, process group, DeepSpeed's
     communication) and return the Trainer's arguments."""
     if trainer.get("fsdp") and "WORLD_SIZE" not in os.environ:
-        raise UsageError("--fsdp shards the model over several processes: launch with torchrun --nproc_per_node=N train.py ...")
+        raise UsageError(
+            "--fsdp shards the model over several processes: launch with torchrun --nproc_per_node=N train.py ..."
+        )
     if trainer.get("deepspeed") and "RANK" not in os.environ:
         _describe_single_process_job()
     args = trainer_arguments_class()(**trainer)  # sets up devices and, under torchrun, the process group
@@ -303,7 +311,9 @@ def load_training_records(path: str, skip_invalid: bool) -> list[dict]:
 
 
 def make_supervised_data_module(
-    tokenizer: transformers.PreTrainedTokenizerBase, data_args: DataArguments, training_args: transformers.TrainingArguments
+    tokenizer: transformers.PreTrainedTokenizerBase,
+    data_args: DataArguments,
+    training_args: transformers.TrainingArguments,
 ) -> dict:
     """Datasets and collator for the Trainer; tokenization runs once, on the main process."""
 

@@ -4,7 +4,6 @@ and atomic file and directory writes, and the command-line runner.
 Kept free of torch and openai imports so that every script can import it cheaply."""
 
 import contextlib
-import io
 import json
 import os
 import shutil
@@ -78,7 +77,7 @@ def write_text_atomically(text: str, path: str) -> None:
     os.makedirs(directory, exist_ok=True)
     fd, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
     try:
-        with io.open(fd, "w", encoding="utf-8") as f:
+        with open(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -230,4 +229,3 @@ def run_main(main: Callable[[], Any], errors: tuple[type[BaseException], ...] = 
         main()
     except (UsageError, *errors) as e:
         sys.exit(f"{os.path.basename(sys.argv[0])}: error: {e}")
-

@@ -24,6 +24,7 @@ How it is done differs from the original:
 """
 
 from __future__ import annotations
+
 import contextlib
 import functools
 import hashlib
@@ -31,7 +32,6 @@ import json
 import os
 import pickle
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -144,7 +144,9 @@ def describe_shard(path: str) -> dict[str, TensorInfo]:
     state_dict = load_bin(path)
     for name, tensor in state_dict.items():
         if not tensor.is_floating_point():
-            raise UsageError(f"{path}: tensor {name} has dtype {tensor.dtype}; only floating-point weights can be diffed")
+            raise UsageError(
+                f"{path}: tensor {name} has dtype {tensor.dtype}; only floating-point weights can be diffed"
+            )
     return {name: TensorInfo(path, tuple(tensor.shape), tensor.dtype) for name, tensor in state_dict.items()}
 
 
@@ -277,7 +279,9 @@ class ShardedSafetensorsWriter:
             shard_bytes += self.nbytes(name)
         count = len(self.shards)
         self.file_names = (
-            ["model.safetensors"] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+            ["model.safetensors"]
+            if count == 1
+            else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
         )
         self.order = [name for shard in self.shards for name in shard]
         self.shard_of = {name: i for i, shard in enumerate(self.shards) for name in shard}
@@ -294,7 +298,11 @@ class ShardedSafetensorsWriter:
         offset = 0
         for name in self.shards[shard]:
             shape, dtype = self.layout[name]
-            header[name] = {"dtype": SAFETENSORS_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + self.nbytes(name)]}
+            header[name] = {
+                "dtype": SAFETENSORS_NAMES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + self.nbytes(name)],
+            }
             offset += self.nbytes(name)
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # the format pads the header to 8-byte alignment
@@ -321,7 +329,7 @@ class ShardedSafetensorsWriter:
             self.file.close()
             self.file = None
 
-    def __enter__(self) -> "ShardedSafetensorsWriter":
+    def __enter__(self) -> ShardedSafetensorsWriter:
         return self
 
     def __exit__(self, error_type, error, traceback) -> None:
@@ -377,9 +385,13 @@ def add_computed_rotary_buffers(
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
     for name in missing:
         if other[name].shape != tuple(inv_freq.shape):
-            raise UsageError(f"tensor {name}: shape {other[name].shape}, but the config gives rotary buffers of shape {tuple(inv_freq.shape)}")
+            raise UsageError(
+                f"tensor {name}: shape {other[name].shape}, but the config gives rotary buffers of shape {tuple(inv_freq.shape)}"
+            )
         raw[name] = inv_freq
-    print(f"note: {len(missing)} rotary inv_freq buffers of an old checkpoint computed from the config for the raw model")
+    print(
+        f"note: {len(missing)} rotary inv_freq buffers of an old checkpoint computed from the config for the raw model"
+    )
 
 
 def match_tensors(
@@ -391,7 +403,9 @@ def match_tensors(
     Returns the names to process, and the embedding matrices with their number of new rows."""
     skipped = {name for name in raw.keys() - other.keys() if name.endswith(RECOMPUTED_BUFFER_SUFFIX)}
     if skipped:
-        print(f"note: skipping {len(skipped)} rotary inv_freq buffers that only the raw model has (transformers recomputes them)")
+        print(
+            f"note: skipping {len(skipped)} rotary inv_freq buffers that only the raw model has (transformers recomputes them)"
+        )
     for has, lacks, names in (
         (path_raw, path_other, raw.keys() - other.keys() - skipped),
         (path_other, path_raw, other.keys() - raw.keys() - skipped),
@@ -403,16 +417,24 @@ def match_tensors(
                 "the two are not the same model architecture"
             )
     names = raw.keys() & other.keys()
-    grown = {name for name in names if other[name].shape[1:] == raw[name].shape[1:] and other[name].shape[0] > raw[name].shape[0]}
+    grown = {
+        name
+        for name in names
+        if other[name].shape[1:] == raw[name].shape[1:] and other[name].shape[0] > raw[name].shape[0]
+    }
     # Only look at the tokenizer when some matrix has more rows: as many rows as train.py adds
     # tokens to the raw tokenizer are expected.
     num_new_tokens = count_added_tokens(path_raw) if grown else 0
     for name in sorted(names):
-        if raw[name].shape == other[name].shape or (name in grown and other[name].shape[0] == raw[name].shape[0] + num_new_tokens):
+        if raw[name].shape == other[name].shape or (
+            name in grown and other[name].shape[0] == raw[name].shape[0] + num_new_tokens
+        ):
             continue
         hint = ""
         if name in grown:
-            hint = f" (fine-tuning adds {num_new_tokens} special tokens to the raw tokenizer, so as many embedding rows)"
+            hint = (
+                f" (fine-tuning adds {num_new_tokens} special tokens to the raw tokenizer, so as many embedding rows)"
+            )
         raise UsageError(
             f"tensor {name}: shape {raw[name].shape} in {path_raw} but {other[name].shape} in {path_other}{hint}"
         )
@@ -493,7 +515,12 @@ def check_naive_sum(total: float, expected: float | None, path_raw: str) -> None
 
 def is_alpaca_7b(config: dict) -> bool:
     """Whether a diff's config is the released Alpaca-7B's (LLaMA-7B with the [PAD] token)."""
-    shape = (config.get("model_type"), config.get("hidden_size"), config.get("num_hidden_layers"), config.get("vocab_size"))
+    shape = (
+        config.get("model_type"),
+        config.get("hidden_size"),
+        config.get("num_hidden_layers"),
+        config.get("vocab_size"),
+    )
     return shape == ("llama", 4096, 32, 32001)
 
 
@@ -504,7 +531,7 @@ def read_manifest(path: str) -> dict:
     try:
         manifest = utils.jload(path)
         tensors = manifest["tensors"]
-        for name, entry in tensors.items():
+        for entry in tensors.values():
             entry["shape"], entry["sha256"] = tuple(entry["shape"]), str(entry["sha256"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise UsageError(f"{path}: not a readable weight diff manifest ({e!r})") from None
@@ -515,7 +542,10 @@ def read_manifest(path: str) -> dict:
 def check_manifest_layout(manifest: dict, tensors: dict[str, TensorInfo], names: set[str], source: str) -> None:
     """The manifest must describe exactly the tensors about to be checked, with their shapes."""
     listed = set(manifest["tensors"])
-    for problem, found in (("lists tensors missing from", listed - names), ("does not list tensors of", names - listed)):
+    for problem, found in (
+        ("lists tensors missing from", listed - names),
+        ("does not list tensors of", names - listed),
+    ):
         if found:
             raise UsageError(f"{manifest['path']} {problem} {source}: {', '.join(sorted(found)[:3])}")
     for name in sorted(names):
@@ -621,7 +651,9 @@ def make_diff(
         entries, sums, largest_difference = {}, {}, 0.0
         with ShardedSafetensorsWriter(out, layout, int(max_shard_size_gb * 1e9)) as writer, one_torch_thread():
             for name in tqdm(order, desc="make_diff", unit="tensor"):
-                raw_tensor, tuned_tensor, diff = (shaped(b, tuned[name].shape) for b in (raw_buffer, tuned_buffer, diff_buffer))
+                raw_tensor, tuned_tensor, diff = (
+                    shaped(b, tuned[name].shape) for b in (raw_buffer, tuned_buffer, diff_buffer)
+                )
                 load_into(raw_tensor, raw[name], name)
                 if name in new_rows:
                     init_new_rows_to_mean(raw_tensor, new_rows[name])
@@ -718,7 +750,9 @@ def recover(
                         f"{path_raw} is not the one the diff was made from, or a file is corrupt"
                     )
                 sums[name] = recovered.sum()
-                writer.write(name, recovered if cast_buffer is None else shaped(cast_buffer, recovered.shape).copy_(recovered))
+                writer.write(
+                    name, recovered if cast_buffer is None else shaped(cast_buffer, recovered.shape).copy_(recovered)
+                )
         if manifest is not None:
             print(f"exact integrity check: all {len(order)} recovered tensors match {manifest['path']} (sha256)")
         expected = expected_naive_sum(expected_sum, manifest, path_diff) if check_integrity_naively else None

@@ -9,6 +9,7 @@ same and the scores of the baseline's candidates bit-identical.
 
 Then the whole 52K deduplicated in one pass (each against every earlier kept one), target < 60 s;
 its decisions are checked against the batched path on a 5,000-instruction prefix."""
+
 import argparse
 import random
 import time
@@ -86,15 +87,21 @@ def main():
     for got, want in zip(ours, baseline):
         assert (got is None) == (want is None), "keep/drop decisions differ"
         assert want is None or got.tobytes() == want.tobytes(), "scores differ"
-    print(f"decisions on {len(candidates)} candidates: {sum(s is None for s in ours)} dropped; the baseline's "
-          f"{len(baseline)} ({sum(s is None for s in baseline)} dropped) agree, scores bit-identical")
+    print(
+        f"decisions on {len(candidates)} candidates: {sum(s is None for s in ours)} dropped; the baseline's "
+        f"{len(baseline)} ({sum(s is None for s in baseline)} dropped) agree, scores bit-identical"
+    )
     print(f"baseline (new Pool({args.num_cpus}) + rouge_score per candidate): {baseline_time:.3f} s/candidate")
-    print(f"ours, one candidate per call: {one_at_a_time * 1e3:.2f} ms/candidate (ratio {baseline_time / one_at_a_time:.0f})")
+    print(
+        f"ours, one candidate per call: {one_at_a_time * 1e3:.2f} ms/candidate (ratio {baseline_time / one_at_a_time:.0f})"
+    )
     print(f"ours, {len(candidates)} candidates per call: {batched * 1e3:.2f} ms/candidate")
 
     prefix = instructions[:5000]
     batched_index = RougeLIndex()
-    expected = [s is not None for i in range(0, len(prefix), 80) for s in batched_index.add_if_novel(prefix[i : i + 80])]
+    expected = [
+        s is not None for i in range(0, len(prefix), 80) for s in batched_index.add_if_novel(prefix[i : i + 80])
+    ]
     assert RougeLIndex().deduplicate(prefix) == expected, "one-pass decisions differ"
     start = time.perf_counter()
     keep = RougeLIndex().deduplicate(instructions)
@@ -102,11 +109,15 @@ def main():
     # The baseline cannot run this in reasonable time: estimate it from its cost per pair above.
     pairs = len(instructions) * (len(instructions) - 1) / 2
     estimate = baseline_time / len(pool) * pairs
-    print(f"dedup_52k_one_pass: {one_pass:.1f} s for {len(instructions)} instructions ({sum(keep)} kept; target < 60 s: "
-          f"{'met' if one_pass < 60 else 'MISSED'}; decisions equal to the batched path on the first 5,000); "
-          f"the baseline's method, estimated from its cost per pair: {estimate / 3600:.1f} h (ratio about {estimate / one_pass:.0f})")
+    print(
+        f"dedup_52k_one_pass: {one_pass:.1f} s for {len(instructions)} instructions ({sum(keep)} kept; target < 60 s: "
+        f"{'met' if one_pass < 60 else 'MISSED'}; decisions equal to the batched path on the first 5,000); "
+        f"the baseline's method, estimated from its cost per pair: {estimate / 3600:.1f} h (ratio about {estimate / one_pass:.0f})"
+    )
 
-    print(f"dedup_per_candidate: ratio={baseline_time / batched:.2f} (baseline={baseline_time:.3f} s/candidate, ours={batched * 1e3:.3f} ms/candidate)")
+    print(
+        f"dedup_per_candidate: ratio={baseline_time / batched:.2f} (baseline={baseline_time:.3f} s/candidate, ours={batched * 1e3:.3f} ms/candidate)"
+    )
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 (200 ms per request): kept instructions per second with 8 requests in flight vs one at a time
 (the original sends one request at a time). Same seed, so both runs must write the same
 regen.json. Uses the project's prompt.txt and seed_tasks.jsonl."""
+
 import argparse
 import pathlib
 import tempfile
@@ -38,8 +39,12 @@ def main():
         assert first == second, "regen.json differs between the runs"
         kept = len(generate_instruction.load_machine_instructions(str(directory / "k1" / "regen.json")))
     baseline, ours = kept / sequential, kept / concurrent
-    print(f"{kept} kept in {sequential:.2f} s at K=1 and {concurrent:.2f} s at K={args.concurrency}; regen.json identical")
-    print(f"generation: ratio={ours / baseline:.2f} (baseline={baseline:.1f} kept/s at K=1, ours={ours:.1f} kept/s at K={args.concurrency}, {args.latency * 1e3:.0f} ms latency)")
+    print(
+        f"{kept} kept in {sequential:.2f} s at K=1 and {concurrent:.2f} s at K={args.concurrency}; regen.json identical"
+    )
+    print(
+        f"generation: ratio={ours / baseline:.2f} (baseline={baseline:.1f} kept/s at K=1, ours={ours:.1f} kept/s at K={args.concurrency}, {args.latency * 1e3:.0f} ms latency)"
+    )
 
 
 if __name__ == "__main__":

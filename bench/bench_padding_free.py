@@ -3,6 +3,7 @@ batches (tiny LLaMA, batch 4, max length 512, the real LLaMA tokenizer on the or
 
 Both train the same model from the same weights on the same batches; the first step's loss must
 agree. Reports non-pad tokens per second and the share of each batch that is padding."""
+
 import argparse
 import json
 import random
@@ -18,8 +19,14 @@ from bench.common import llama_tokenizer, shared_file
 def make_model(vocab_size: int) -> transformers.PreTrainedModel:
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, use_cache=False,
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        use_cache=False,
     )
     return transformers.LlamaForCausalLM(config)
 
@@ -64,8 +71,7 @@ def main():
     print(f"{len(batches)} steps of {args.batch_size} examples; first-step loss {ours_loss:.5f} in both")
     print(f"padding share: padded {baseline_padding:.1%}, padding-free {ours_padding:.1%}")
     print(
-        f"padding_free_throughput: ratio={ours / baseline:.2f} "
-        f"(baseline={baseline:,.0f} tok/s, ours={ours:,.0f} tok/s)"
+        f"padding_free_throughput: ratio={ours / baseline:.2f} (baseline={baseline:,.0f} tok/s, ours={ours:,.0f} tok/s)"
     )
 
 

@@ -2,6 +2,7 @@
 (two tokenizer calls per example, prompt and prompt + output, then mask the prompt's length).
 
 Both use the same tokenizer; the token ids of every example that fits must be identical."""
+
 import copy
 import json
 import time
@@ -50,10 +51,14 @@ def main():
     baseline_seconds = time.perf_counter() - start
 
     fits = [ids.tolist() for ids in baseline_ids]
-    prompt_lengths = [len(x) for x in tokenizer([utils.format_prompt(r["instruction"], r.get("input")) for r in records])["input_ids"]]
+    prompt_lengths = [
+        len(x) for x in tokenizer([utils.format_prompt(r["instruction"], r.get("input")) for r in records])["input_ids"]
+    ]
     fits = [ids for ids, n in zip(fits, prompt_lengths) if n < 512]
     assert [e["input_ids"] for e in ours] == fits, "token ids differ from the original recipe"
-    print(f"{len(records)} records, {len(ours)} examples (skipped {counts['skipped']}, cut {counts['cut']}); ids identical")
+    print(
+        f"{len(records)} records, {len(ours)} examples (skipped {counts['skipped']}, cut {counts['cut']}); ids identical"
+    )
     print(f"ours: {ours_seconds:.1f} s, {len(records) / ours_seconds:,.0f} records/s")
     print(
         f"preprocess_52k: ratio={baseline_seconds / ours_seconds:.2f} "

@@ -19,6 +19,7 @@ disk allows), and prints detail lines and then
     python -m bench.bench_recover                       # about 1B parameters, ~16 GB of files
     python -m bench.bench_recover --num_params 2e8 --hidden_size 1024
 """
+
 import concurrent.futures
 import json
 import multiprocessing
@@ -66,7 +67,9 @@ def save_tokenizer(directory: str, with_pad: bool) -> None:
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB_SIZE)}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
     if with_pad:
         tokenizer.add_special_tokens({"pad_token": tokens.DEFAULT_PAD_TOKEN})
     tokenizer.save_pretrained(directory)
@@ -212,7 +215,9 @@ def main(num_params: float = 1e9, hidden_size: int = 2048, workdir: str | None =
             output = os.path.join(root, method)
             results[method] = in_child(method, path_raw, path_diff, output)
             seconds, peak = results[method]
-            print(f"{method}: {seconds:.1f} s ({input_bytes / 1e9 / seconds:.2f} GB/s of input), peak RSS {peak:.2f} GB")
+            print(
+                f"{method}: {seconds:.1f} s ({input_bytes / 1e9 / seconds:.2f} GB/s of input), peak RSS {peak:.2f} GB"
+            )
         count = assert_identical(os.path.join(root, "recover_baseline"), os.path.join(root, "recover_ours"))
         print(f"outputs identical: {count} tensors, bit for bit")
         (base_s, base_rss), (ours_s, ours_rss) = results["recover_baseline"], results["recover_ours"]

@@ -1,5 +1,6 @@
 """Helpers shared by the benchmarks: the reference data in ../shared/data and the real
 LLaMA-format tokenizer, loaded as train.py would load it."""
+
 import pathlib
 import shutil
 import sys

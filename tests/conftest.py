@@ -1,5 +1,6 @@
 """Shared test fixtures: tiny LLaMA-architecture models and tokenizers built at test time,
 the real LLaMA-format tokenizer and the embedded model. Plain helpers are in helpers.py."""
+
 import os
 import pathlib
 

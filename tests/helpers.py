@@ -2,6 +2,7 @@
 repository root, access to the reference data in ../shared/data (skipped, or failed under
 ALPACA_REQUIRE_SHARED=1, when it is absent), and tiny LLaMA-architecture models and tokenizers
 built at test time. The fixtures are in conftest.py."""
+
 import os
 import pathlib
 

@@ -22,6 +22,7 @@ Usage:
     with OpenAIServer(latency=0.2) as server:
         client = openai.OpenAI(base_url=server.base_url, api_key="x")
 """
+
 import hashlib
 import http.server
 import json
@@ -167,18 +168,35 @@ class OpenAIServer:
                 try:
                     request = json.loads(body)
                 except json.JSONDecodeError:
-                    return self._send(400, _error("We could not parse the JSON body of your request.", "invalid_request_error", None))
+                    return self._send(
+                        400, _error("We could not parse the JSON body of your request.", "invalid_request_error", None)
+                    )
                 with server._lock:
                     server.requests.append(
-                        {"path": self.path, "body": request, "authorization": self.headers.get("Authorization"), "time": time.monotonic()}
+                        {
+                            "path": self.path,
+                            "body": request,
+                            "authorization": self.headers.get("Authorization"),
+                            "time": time.monotonic(),
+                        }
                     )
                 route = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}.get(self.path)
                 if route is None or route not in server.routes:
-                    return self._send(404, _error("This is a chat model and not supported in the v1/completions endpoint.", "invalid_request_error", None))
+                    return self._send(
+                        404,
+                        _error(
+                            "This is a chat model and not supported in the v1/completions endpoint.",
+                            "invalid_request_error",
+                            None,
+                        ),
+                    )
                 if server.api_key is not None and self.headers.get("Authorization") != f"Bearer {server.api_key}":
                     # Some servers and proxies quote the key they were given: the client must not show it.
                     presented = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
-                    return self._send(401, _error(f"Incorrect API key provided: {presented}.", "invalid_request_error", "invalid_api_key"))
+                    return self._send(
+                        401,
+                        _error(f"Incorrect API key provided: {presented}.", "invalid_request_error", "invalid_api_key"),
+                    )
                 kind, options = server._next_failure()
                 time.sleep(server.latency + random.uniform(0, server.latency_jitter))
                 if kind == "hang":
@@ -189,18 +207,30 @@ class OpenAIServer:
                 elif kind == "rate_limit":
                     retry_after = str(options.get("retry_after", 1))
                     if options.get("quota"):
-                        return self._send(429, _error("You exceeded your current quota.", "insufficient_quota", "insufficient_quota"))
-                    return self._send(429, _error("Rate limit reached.", "requests", "rate_limit_exceeded"), {"Retry-After": retry_after})
+                        return self._send(
+                            429, _error("You exceeded your current quota.", "insufficient_quota", "insufficient_quota")
+                        )
+                    return self._send(
+                        429,
+                        _error("Rate limit reached.", "requests", "rate_limit_exceeded"),
+                        {"Retry-After": retry_after},
+                    )
                 elif kind == "server_error":
-                    return self._send(500, _error("The server had an error while processing your request.", "server_error", None))
+                    return self._send(
+                        500, _error("The server had an error while processing your request.", "server_error", None)
+                    )
                 elif kind == "unauthorized":
-                    return self._send(401, _error("Incorrect API key provided.", "invalid_request_error", "invalid_api_key"))
+                    return self._send(
+                        401, _error("Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+                    )
                 elif kind == "bad_request":
                     return self._send(400, _error("Invalid value for 'top_p'.", "invalid_request_error", None))
                 elif kind == "malformed":
                     return self._send_raw(200, b'{"id": "cmpl-1", "choices": [{"text": "1. Instr')
                 elif kind == "missing_choices":
-                    return self._send(200, {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": request.get("model")})
+                    return self._send(
+                        200, {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": request.get("model")}
+                    )
                 if request.get("model") not in server.models:
                     message = f"The model `{request.get('model')}` does not exist or you do not have access to it."
                     return self._send(404, _error(message, "invalid_request_error", "model_not_found"))
@@ -213,33 +243,61 @@ class OpenAIServer:
                     prompts = [request["messages"][-1]["content"]]
                 prompt_tokens = sum(len(p.split()) for p in prompts)
                 max_tokens = int(request.get("max_tokens") or 16)
-                if server.max_context is not None and max(len(p.split()) for p in prompts) + max_tokens > server.max_context:
-                    message = _context_length_message(server.context_message, server.max_context, max(len(p.split()) for p in prompts), max_tokens)
+                if (
+                    server.max_context is not None
+                    and max(len(p.split()) for p in prompts) + max_tokens > server.max_context
+                ):
+                    message = _context_length_message(
+                        server.context_message, server.max_context, max(len(p.split()) for p in prompts), max_tokens
+                    )
                     return self._send(400, _error(message, "invalid_request_error", "context_length_exceeded"))
-                outputs = [_finish(server.writer(p, request["model"]), request.get("stop"), max_tokens) for p in prompts]
+                outputs = [
+                    _finish(server.writer(p, request["model"]), request.get("stop"), max_tokens) for p in prompts
+                ]
                 if kind == "empty":
                     outputs = [("", "stop") for _ in outputs]
                 elif kind == "length":
                     outputs = [(text[: len(text) // 2], "length") for text, _ in outputs]
                 completion_tokens = sum(len(text.split()) for text, _ in outputs)
-                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+                usage = {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                }
                 if route == "completions":
-                    choices = [{"text": t, "index": i, "logprobs": None, "finish_reason": f} for i, (t, f) in enumerate(outputs)]
-                    payload = {"id": "cmpl-test", "object": "text_completion", "created": int(time.time()), "model": request["model"]}
+                    choices = [
+                        {"text": t, "index": i, "logprobs": None, "finish_reason": f}
+                        for i, (t, f) in enumerate(outputs)
+                    ]
+                    payload = {
+                        "id": "cmpl-test",
+                        "object": "text_completion",
+                        "created": int(time.time()),
+                        "model": request["model"],
+                    }
                     if server.prompt_list_as_array and isinstance(request.get("prompt"), list):
                         # llama-server: one whole completion object per prompt, usage split likewise.
                         per_prompt = []
                         for prompt, choice in zip(prompts, choices):
                             used, written = len(prompt.split()), len(choice["text"].split())
-                            usage = {"prompt_tokens": used, "completion_tokens": written, "total_tokens": used + written}
+                            usage = {
+                                "prompt_tokens": used,
+                                "completion_tokens": written,
+                                "total_tokens": used + written,
+                            }
                             per_prompt.append({**payload, "choices": [choice], "usage": usage})
                         return self._send(200, per_prompt)
                 else:
-                    (text, finish), = outputs
+                    ((text, finish),) = outputs
                     if server.chat_repeats_prefix:
                         text = prompts[0].rstrip().rsplit("\n", 1)[-1] + text
                     choices = [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}]
-                    payload = {"id": "chatcmpl-test", "object": "chat.completion", "created": int(time.time()), "model": request["model"]}
+                    payload = {
+                        "id": "chatcmpl-test",
+                        "object": "chat.completion",
+                        "created": int(time.time()),
+                        "model": request["model"],
+                    }
                 self._send(200, {**payload, "choices": choices, "usage": usage})
 
             def _send(self, status: int, payload: dict | list, headers: dict | None = None):

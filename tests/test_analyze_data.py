@@ -1,6 +1,7 @@
 """Tests of analyze_data.py: problems found with record and field, format detection, word and
 token statistics, the verb/object extraction and the chart. Budget: under 1 minute on 2 cores
 (the spaCy model is loaded once per session; no test parses more than a few dozen sentences)."""
+
 import collections
 import json
 import subprocess
@@ -46,8 +47,13 @@ def nlp():
 
 
 def run_script(*args):
-    return subprocess.run([sys.executable, str(ROOT / "analyze_data.py"), *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "analyze_data.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
 
 
 def test_every_problem_is_found_with_record_and_field():
@@ -90,23 +96,52 @@ def test_help_explains_every_flag():
     result = run_script("--help")
     assert result.returncode == 0
     text = result.stdout + result.stderr  # fire writes its help to stderr
-    for flag in ("DATA_PATH", "--tokenizer", "--max_length", "--output_dir", "--spacy_model", "--top_verbs",
-                 "--top_objects", "--batch_size", "--warn_only", "exit status is 1"):
+    for flag in (
+        "DATA_PATH",
+        "--tokenizer",
+        "--max_length",
+        "--output_dir",
+        "--spacy_model",
+        "--top_verbs",
+        "--top_objects",
+        "--batch_size",
+        "--warn_only",
+        "exit status is 1",
+    ):
         assert flag in text
     assert "(the Alpaca prompt, output and EOS)" in text
 
 
 def test_seed_format_problems_name_the_instance():
     seeds = [
-        {"id": "seed_task_0", "name": "capital", "instruction": "Name the capital of Peru.",
-         "instances": [{"input": "", "output": "Lima."}], "is_classification": False},
-        {"id": "seed_task_1", "name": "sentiment", "instruction": "Is this review positive?",
-         "instances": [{"input": "Great phone.", "output": "Yes."}, {"input": "Same.", "output": "Same."}],
-         "is_classification": "yes"},
-        {"id": 2, "name": "capital_again", "instruction": "Name the capital of Peru.",
-         "instances": [{"input": ""}], "is_classification": False},
-        {"id": "seed_task_3", "name": "nothing", "instruction": "Say nothing.", "instances": [],
-         "is_classification": False},
+        {
+            "id": "seed_task_0",
+            "name": "capital",
+            "instruction": "Name the capital of Peru.",
+            "instances": [{"input": "", "output": "Lima."}],
+            "is_classification": False,
+        },
+        {
+            "id": "seed_task_1",
+            "name": "sentiment",
+            "instruction": "Is this review positive?",
+            "instances": [{"input": "Great phone.", "output": "Yes."}, {"input": "Same.", "output": "Same."}],
+            "is_classification": "yes",
+        },
+        {
+            "id": 2,
+            "name": "capital_again",
+            "instruction": "Name the capital of Peru.",
+            "instances": [{"input": ""}],
+            "is_classification": False,
+        },
+        {
+            "id": "seed_task_3",
+            "name": "nothing",
+            "instruction": "Say nothing.",
+            "instances": [],
+            "is_classification": False,
+        },
     ]
     assert analyze_data.detect_format(seeds) == "seed"
     assert analyze_data.find_problems(seeds, "seed") == [
@@ -158,13 +193,18 @@ def test_word_statistics():
 def test_token_statistics_follow_the_alpaca_prompt(tiny_llama_dir):
     examples = [
         {"instruction": "Give three tips for staying healthy.", "input": "", "output": "Eat, sleep, walk."},
-        {"instruction": "Summarize the following article.", "input": "It rained all day in the city. " * 20,
-         "output": "It rained."},
+        {
+            "instruction": "Summarize the following article.",
+            "input": "It rained all day in the city. " * 20,
+            "output": "It rained.",
+        },
     ]
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     prompts = [utils.format_prompt(example["instruction"], example["input"]) for example in examples]
-    totals = [len(tokenizer(prompt + example["output"] + tokenizer.eos_token)["input_ids"])
-              for prompt, example in zip(prompts, examples)]
+    totals = [
+        len(tokenizer(prompt + example["output"] + tokenizer.eos_token)["input_ids"])
+        for prompt, example in zip(prompts, examples)
+    ]
     prompt_lengths = [len(tokenizer(prompt)["input_ids"]) for prompt in prompts]
     assert totals[0] < totals[1]
 
@@ -180,8 +220,9 @@ def test_token_statistics_follow_the_alpaca_prompt(tiny_llama_dir):
 def test_tokens_and_chart_on_the_command_line(tmp_path, tiny_llama_dir):
     path = tmp_path / "data.json"
     path.write_text(json.dumps(BAD_TRAINING_RECORDS[:2]))
-    result = run_script("--data_path", path, "--tokenizer", tiny_llama_dir, "--max_length", 8,
-                        "--output_dir", tmp_path / "report")
+    result = run_script(
+        "--data_path", path, "--tokenizer", tiny_llama_dir, "--max_length", 8, "--output_dir", tmp_path / "report"
+    )
     assert result.returncode == 1
     assert "total tokens" in result.stdout
     assert "longer than max_length=8 tokens (truncated in training): 2;" in result.stdout
@@ -190,30 +231,38 @@ def test_tokens_and_chart_on_the_command_line(tmp_path, tiny_llama_dir):
     assert (tmp_path / "report" / "verb_object_chart.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("sentence, expected", [
-    ("Generate a list of three tips for staying healthy.", ("generate", "list")),
-    ("Write me a short story about a lighthouse keeper.", ("write", "story")),
-    ("Describe the structures of an atom.", ("describe", "structure")),
-    ("Create two poems about autumn.", ("create", "poem")),
-    ("Rewrite the following sentences in the passive voice. Keep the meaning.", ("rewrite", "sentence")),
-    ("Explain why the sky is blue.", ("explain", None)),
-    ("Summarize this.", ("summarize", None)),
-    ("What is the capital of France?", (None, None)),
-    ("", (None, None)),  # an empty instruction (reported as a problem) has no sentence to parse
-])
+@pytest.mark.parametrize(
+    "sentence, expected",
+    [
+        ("Generate a list of three tips for staying healthy.", ("generate", "list")),
+        ("Write me a short story about a lighthouse keeper.", ("write", "story")),
+        ("Describe the structures of an atom.", ("describe", "structure")),
+        ("Create two poems about autumn.", ("create", "poem")),
+        ("Rewrite the following sentences in the passive voice. Keep the meaning.", ("rewrite", "sentence")),
+        ("Explain why the sky is blue.", ("explain", None)),
+        ("Summarize this.", ("summarize", None)),
+        ("What is the capital of France?", (None, None)),
+        ("", (None, None)),  # an empty instruction (reported as a problem) has no sentence to parse
+    ],
+)
 def test_root_verb_and_object(nlp, sentence, expected):
     assert analyze_data.root_verb_and_object(nlp(sentence)) == expected
 
 
 def test_counts_and_chart(tmp_path):
     instructions = [
-        "Generate a list of fruits.", "Generate a list of colors.", "Generate a poem about rain.",
+        "Generate a list of fruits.",
+        "Generate a list of colors.",
+        "Generate a poem about rain.",
         "Generate a list of fruits.",  # a repeat is parsed and counted once
-        "Write a story about a dog.", "Write a letter to a friend.", "Explain why ice floats.",
+        "Write a story about a dog.",
+        "Write a letter to a friend.",
+        "Explain why ice floats.",
         "What is love?",
     ]
-    counts = analyze_data.diversity_chart(instructions, str(tmp_path), "en_core_web_sm", top_verbs=2, top_objects=1,
-                                          batch_size=4, title="test")
+    counts = analyze_data.diversity_chart(
+        instructions, str(tmp_path), "en_core_web_sm", top_verbs=2, top_objects=1, batch_size=4, title="test"
+    )
     assert counts["distinct_instructions"] == 7
     assert counts["with_root_verb"] == 6 and counts["with_root_verb_and_object"] == 5
     assert counts["top_verbs"] == [

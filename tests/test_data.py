@@ -2,6 +2,7 @@
 and alpaca_data.json; that they are the team's own (no seed within ROUGE-L 0.5 of an original
 seed, no example within 0.7 of the original 52K, compared with the generator's own RougeLIndex);
 and that the generator encodes and parses our prompt and seeds without loss."""
+
 import json
 import re
 
@@ -129,8 +130,7 @@ def test_no_seed_is_close_to_an_original_seed(seeds):
     scores = index.scores_many([record["instruction"] for record in seeds])
     worst = np.unravel_index(scores.argmax(), scores.shape)
     assert scores.max() <= 0.5, (
-        f"seed_tasks.jsonl record {worst[0]} has ROUGE-L F {scores.max():.3f} against original "
-        f"seed {worst[1]}"
+        f"seed_tasks.jsonl record {worst[0]} has ROUGE-L F {scores.max():.3f} against original seed {worst[1]}"
     )
 
 

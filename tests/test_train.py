@@ -1,4 +1,5 @@
 """train.py on tiny LLaMA models built at test time: real Trainer steps, real torchrun."""
+
 import argparse
 import json
 import math
@@ -22,7 +23,11 @@ RECORDS = [
     {"instruction": "Add the two numbers.", "input": "12 and 30", "output": "42"},
     {"instruction": "Give the opposite of the word.", "input": "ancient", "output": "modern"},
     {"instruction": "Say hello in French.", "output": "Bonjour."},
-    {"instruction": "Classify the review as positive or negative.", "input": "The soup was cold and bland.", "output": "Negative"},
+    {
+        "instruction": "Classify the review as positive or negative.",
+        "input": "The soup was cold and bland.",
+        "output": "Negative",
+    },
     {"instruction": "Count the vowels in the word.", "input": "banana", "output": "3"},
     {"instruction": "Finish the proverb: the early bird...", "input": "", "output": "catches the worm."},
     {"instruction": "Convert 2 kilometres to metres.", "input": "", "output": "2,000 metres."},
@@ -44,7 +49,10 @@ def run_script(args, nproc=None, timeout=600, check=True):
         launcher = [sys.executable]
     result = subprocess.run(
         launcher + [str(ROOT / "train.py"), "--report_to", "none", *map(str, args)],
-        capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
     )
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -68,11 +76,30 @@ def logits(model_dir, ids=(1, 20, 30, 40, 50)):
 
 def test_overfit_loss_halves_and_saved_model_gives_same_logits(tiny_llama_dir, data_file, tmp_path):
     out = tmp_path / "out"
-    trainer = train.train([
-        "--model_name_or_path", str(tiny_llama_dir), "--data_path", str(data_file), "--output_dir", str(out),
-        "--num_train_epochs", "40", "--per_device_train_batch_size", "4", "--learning_rate", "1e-2",
-        "--lr_scheduler_type", "constant", "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none",
-    ])
+    trainer = train.train(
+        [
+            "--model_name_or_path",
+            str(tiny_llama_dir),
+            "--data_path",
+            str(data_file),
+            "--output_dir",
+            str(out),
+            "--num_train_epochs",
+            "40",
+            "--per_device_train_batch_size",
+            "4",
+            "--learning_rate",
+            "1e-2",
+            "--lr_scheduler_type",
+            "constant",
+            "--logging_steps",
+            "1",
+            "--save_strategy",
+            "no",
+            "--report_to",
+            "none",
+        ]
+    )
     losses = logged_losses(out)
     assert all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0] / 2, losses
@@ -102,14 +129,51 @@ def test_a_new_eos_token_becomes_a_generation_stop(tmp_path):
 @pytest.mark.distributed
 def test_torchrun_fsdp_with_the_original_readme_flags(tiny_llama_dir, data_file, tmp_path):
     out = tmp_path / "out"
-    result = run_script([
-        "--model_name_or_path", tiny_llama_dir, "--data_path", data_file, "--bf16", "True", "--output_dir", out,
-        "--num_train_epochs", "1", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2",
-        "--gradient_accumulation_steps", "1", "--evaluation_strategy", "no", "--save_strategy", "steps",
-        "--save_steps", "2000", "--save_total_limit", "1", "--learning_rate", "2e-5", "--weight_decay", "0.",
-        "--warmup_ratio", "0.03", "--lr_scheduler_type", "cosine", "--logging_steps", "1",
-        "--fsdp", "full_shard auto_wrap", "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer", "--tf32", "True",
-    ], nproc=2)
+    result = run_script(
+        [
+            "--model_name_or_path",
+            tiny_llama_dir,
+            "--data_path",
+            data_file,
+            "--bf16",
+            "True",
+            "--output_dir",
+            out,
+            "--num_train_epochs",
+            "1",
+            "--per_device_train_batch_size",
+            "2",
+            "--per_device_eval_batch_size",
+            "2",
+            "--gradient_accumulation_steps",
+            "1",
+            "--evaluation_strategy",
+            "no",
+            "--save_strategy",
+            "steps",
+            "--save_steps",
+            "2000",
+            "--save_total_limit",
+            "1",
+            "--learning_rate",
+            "2e-5",
+            "--weight_decay",
+            "0.",
+            "--warmup_ratio",
+            "0.03",
+            "--lr_scheduler_type",
+            "cosine",
+            "--logging_steps",
+            "1",
+            "--fsdp",
+            "full_shard auto_wrap",
+            "--fsdp_transformer_layer_cls_to_wrap",
+            "LlamaDecoderLayer",
+            "--tf32",
+            "True",
+        ],
+        nproc=2,
+    )
     assert "--tf32 has no effect without an NVIDIA GPU" in result.stderr
     held = _held_parameter_values(result.stdout)
     assert sorted(held) == [0, 1]
@@ -128,11 +192,27 @@ def test_torchrun_fsdp_with_the_original_readme_flags(tiny_llama_dir, data_file,
 @pytest.mark.distributed
 def test_torchrun_fsdp_cpu_offload(tiny_llama_dir, data_file, tmp_path):
     out = tmp_path / "out"
-    result = run_script([
-        "--model_name_or_path", tiny_llama_dir, "--data_path", data_file, "--output_dir", out, "--max_steps", "2",
-        "--per_device_train_batch_size", "2", "--save_strategy", "no",
-        "--fsdp", "full_shard auto_wrap offload", "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer",
-    ], nproc=2)
+    result = run_script(
+        [
+            "--model_name_or_path",
+            tiny_llama_dir,
+            "--data_path",
+            data_file,
+            "--output_dir",
+            out,
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "2",
+            "--save_strategy",
+            "no",
+            "--fsdp",
+            "full_shard auto_wrap offload",
+            "--fsdp_transformer_layer_cls_to_wrap",
+            "LlamaDecoderLayer",
+        ],
+        nproc=2,
+    )
     held = _held_parameter_values(result.stdout)
     assert held[0][0] < held[0][1]
     logits(out)
@@ -142,7 +222,7 @@ def _held_parameter_values(stdout):
     held = {}
     for line in stdout.splitlines():
         if ": holds " in line and line.startswith("rank "):
-            rank, rest = line[len("rank "):].split(": holds ")
+            rank, rest = line[len("rank ") :].split(": holds ")
             local, total = rest.replace(" parameter values", "").split(" of ")
             held[int(rank)] = (int(local.replace(",", "")), int(total.replace(",", "")))
     return held
@@ -152,11 +232,27 @@ def _held_parameter_values(stdout):
 @pytest.mark.slow
 def test_torchrun_deepspeed_zero3_offload_saves_a_reloadable_model(tiny_llama_dir, data_file, tmp_path):
     out = tmp_path / "out"
-    result = run_script([
-        "--model_name_or_path", tiny_llama_dir, "--data_path", data_file, "--output_dir", out, "--max_steps", "2",
-        "--per_device_train_batch_size", "2", "--save_strategy", "no", "--logging_steps", "1",
-        "--deepspeed", ROOT / "configs" / "default_offload_opt_param.json",
-    ], nproc=2)
+    result = run_script(
+        [
+            "--model_name_or_path",
+            tiny_llama_dir,
+            "--data_path",
+            data_file,
+            "--output_dir",
+            out,
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "2",
+            "--save_strategy",
+            "no",
+            "--logging_steps",
+            "1",
+            "--deepspeed",
+            ROOT / "configs" / "default_offload_opt_param.json",
+        ],
+        nproc=2,
+    )
     held = _held_parameter_values(result.stdout)
     assert held[0][0] < held[0][1], "ZeRO-3 partitions the parameters"
     assert all(math.isfinite(x) for x in logged_losses(out))
@@ -171,8 +267,22 @@ def test_torchrun_deepspeed_zero3_offload_saves_a_reloadable_model(tiny_llama_di
 
 @pytest.mark.slow
 def test_padding_free_training_logs_the_padded_losses(tiny_llama_dir, data_file, tmp_path):
-    common = ["--model_name_or_path", tiny_llama_dir, "--data_path", data_file, "--max_steps", "2",
-              "--per_device_train_batch_size", "4", "--learning_rate", "0", "--logging_steps", "1", "--save_strategy", "no"]
+    common = [
+        "--model_name_or_path",
+        tiny_llama_dir,
+        "--data_path",
+        data_file,
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "4",
+        "--learning_rate",
+        "0",
+        "--logging_steps",
+        "1",
+        "--save_strategy",
+        "no",
+    ]
     run_script(common + ["--output_dir", tmp_path / "padded"])
     run_script(common + ["--output_dir", tmp_path / "free", "--padding_free", "True"])
     for padded, free in zip(logged_losses(tmp_path / "padded"), logged_losses(tmp_path / "free"), strict=True):
@@ -184,20 +294,50 @@ def test_padding_free_is_refused_for_a_model_whose_attention_crosses_examples(tm
     from helpers import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer(tmp_path / "opt")
-    config = transformers.OPTConfig(vocab_size=len(tokenizer), hidden_size=32, ffn_dim=64, num_hidden_layers=2,
-                                    num_attention_heads=4, word_embed_proj_dim=32, bos_token_id=1, eos_token_id=2, pad_token_id=None)
+    config = transformers.OPTConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        word_embed_proj_dim=32,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
+    )
     transformers.OPTForCausalLM(config).save_pretrained(tmp_path / "opt")
-    result = run_script(["--model_name_or_path", tmp_path / "opt", "--data_path", data_file, "--output_dir", tmp_path / "o",
-                         "--padding_free", "True"], check=False)
+    result = run_script(
+        [
+            "--model_name_or_path",
+            tmp_path / "opt",
+            "--data_path",
+            data_file,
+            "--output_dir",
+            tmp_path / "o",
+            "--padding_free",
+            "True",
+        ],
+        check=False,
+    )
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "--padding_free: OPTForCausalLM lets packed examples attend to each other" in result.stderr
 
 
 def test_old_flag_spellings_map_to_todays_arguments(tmp_path):
-    args = train.parse_arguments([
-        "--data_path", "d.json", "--output_dir", str(tmp_path), "--evaluation_strategy", "steps",
-        "--warmup_ratio", "0.03", "--group_by_length", "True",
-    ])
+    args = train.parse_arguments(
+        [
+            "--data_path",
+            "d.json",
+            "--output_dir",
+            str(tmp_path),
+            "--evaluation_strategy",
+            "steps",
+            "--warmup_ratio",
+            "0.03",
+            "--group_by_length",
+            "True",
+        ]
+    )
     trainer_args = train.training_arguments(args.trainer)
     assert trainer_args.eval_strategy == "steps" and trainer_args.warmup_steps == 0.03
     assert trainer_args.train_sampling_strategy == "group_by_length"
@@ -209,10 +349,20 @@ def test_parsing_the_command_line_sets_nothing_up(tmp_path, monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
     before = dict(os.environ)
-    args = train.parse_arguments([
-        "--data_path", "d.json", "--output_dir", str(tmp_path), "--deepspeed", str(ROOT / "configs" / "default_offload_opt_param.json"),
-        "--model_max_length", "64", "--use_lora", "True",
-    ])
+    args = train.parse_arguments(
+        [
+            "--data_path",
+            "d.json",
+            "--output_dir",
+            str(tmp_path),
+            "--deepspeed",
+            str(ROOT / "configs" / "default_offload_opt_param.json"),
+            "--model_max_length",
+            "64",
+            "--use_lora",
+            "True",
+        ]
+    )
     assert dict(os.environ) == before and not torch.distributed.is_initialized()
     assert args.data.model_max_length == 64 and args.lora.use_lora and args.trainer["deepspeed"].endswith(".json")
 
@@ -222,6 +372,7 @@ def test_resume_picks_the_newest_complete_checkpoint(tmp_path, capsys):
         (tmp_path / f"checkpoint-{step}").mkdir()
         if complete:
             (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+
     def resume(given, output_dir=tmp_path):
         return train.last_checkpoint(argparse.Namespace(output_dir=str(output_dir), resume_from_checkpoint=given))
 
@@ -236,11 +387,30 @@ def test_resume_picks_the_newest_complete_checkpoint(tmp_path, capsys):
 @pytest.mark.slow
 def test_padding_free_group_by_length_and_validation_split(tiny_llama_dir, data_file, tmp_path):
     out = tmp_path / "out"
-    result = run_script([
-        "--model_name_or_path", tiny_llama_dir, "--data_path", data_file, "--output_dir", out,
-        "--num_train_epochs", "2", "--per_device_train_batch_size", "3", "--padding_free", "True",
-        "--group_by_length", "True", "--val_set_size", "2", "--save_strategy", "no", "--logging_steps", "1",
-    ])
+    result = run_script(
+        [
+            "--model_name_or_path",
+            tiny_llama_dir,
+            "--data_path",
+            data_file,
+            "--output_dir",
+            out,
+            "--num_train_epochs",
+            "2",
+            "--per_device_train_batch_size",
+            "3",
+            "--padding_free",
+            "True",
+            "--group_by_length",
+            "True",
+            "--val_set_size",
+            "2",
+            "--save_strategy",
+            "no",
+            "--logging_steps",
+            "1",
+        ]
+    )
     assert "8 records -> 8 examples" in result.stdout
     losses = logged_losses(out)
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)  # 6 training examples, batches of 3
@@ -253,11 +423,32 @@ def test_lora_training_saves_adapter_and_merged_model(tiny_llama_dir, data_file,
     import peft
 
     out = tmp_path / "out"
-    run_script([
-        "--model_name_or_path", tiny_llama_dir, "--data_path", data_file, "--output_dir", out, "--max_steps", "4",
-        "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--save_strategy", "no",
-        "--use_lora", "True", "--lora_r", "4", "--lora_target_modules", "q_proj,v_proj,o_proj", "--merge_lora", "True",
-    ])
+    run_script(
+        [
+            "--model_name_or_path",
+            tiny_llama_dir,
+            "--data_path",
+            data_file,
+            "--output_dir",
+            out,
+            "--max_steps",
+            "4",
+            "--per_device_train_batch_size",
+            "4",
+            "--learning_rate",
+            "1e-2",
+            "--save_strategy",
+            "no",
+            "--use_lora",
+            "True",
+            "--lora_r",
+            "4",
+            "--lora_target_modules",
+            "q_proj,v_proj,o_proj",
+            "--merge_lora",
+            "True",
+        ]
+    )
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
@@ -276,9 +467,26 @@ def test_lora_training_saves_adapter_and_merged_model(tiny_llama_dir, data_file,
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_final_loss(tiny_llama_dir, data_file, tmp_path):
     common = [
-        "--model_name_or_path", tiny_llama_dir, "--data_path", data_file, "--max_steps", "30",
-        "--per_device_train_batch_size", "2", "--learning_rate", "5e-3", "--logging_steps", "1",
-        "--save_strategy", "steps", "--save_steps", "5", "--seed", "7", "--report_to", "none",
+        "--model_name_or_path",
+        tiny_llama_dir,
+        "--data_path",
+        data_file,
+        "--max_steps",
+        "30",
+        "--per_device_train_batch_size",
+        "2",
+        "--learning_rate",
+        "5e-3",
+        "--logging_steps",
+        "1",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "5",
+        "--seed",
+        "7",
+        "--report_to",
+        "none",
     ]
     straight = tmp_path / "straight"
     run_script(common + ["--output_dir", straight])
@@ -286,7 +494,9 @@ def test_killed_run_resumes_to_the_same_final_loss(tiny_llama_dir, data_file, tm
     resumed = tmp_path / "resumed"
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), *map(str, common), "--output_dir", str(resumed)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
     )
     deadline = time.time() + 300
     while not (resumed / "checkpoint-10" / "trainer_state.json").exists():
@@ -410,7 +620,10 @@ def test_missing_pad_token_is_added_with_mean_embedding_rows(tiny_llama_dir):
     assert tokens.missing_special_tokens(tokenizer) == {"pad_token": "[PAD]"}
     added = tokens.smart_tokenizer_and_embedding_resize(tokens.missing_special_tokens(tokenizer), tokenizer, model)
     assert added == 1 and tokenizer.pad_token == "[PAD]"
-    for new, old in ((model.get_input_embeddings().weight, old_input), (model.get_output_embeddings().weight, old_output)):
+    for new, old in (
+        (model.get_input_embeddings().weight, old_input),
+        (model.get_output_embeddings().weight, old_output),
+    ):
         assert new.shape[0] == old.shape[0] + 1
         torch.testing.assert_close(new[:-1], old, rtol=0, atol=0)
         torch.testing.assert_close(new[-1], old.double().mean(dim=0).float(), rtol=1e-6, atol=1e-6)
@@ -498,14 +711,28 @@ def test_skip_invalid_drops_and_counts(tmp_path, capsys):
 def test_bad_data_and_wrong_layer_class_fail_with_one_clear_line(tiny_llama_dir, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([RECORDS[0], {"instruction": "x", "output": None}]))
-    result = run_script(["--model_name_or_path", tiny_llama_dir, "--data_path", bad, "--output_dir", tmp_path / "o"], check=False)
+    result = run_script(
+        ["--model_name_or_path", tiny_llama_dir, "--data_path", bad, "--output_dir", tmp_path / "o"], check=False
+    )
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert f'train.py: error: {bad}: record 1, field "output": not a string (NoneType)' in result.stderr
 
-    result = run_script([
-        "--model_name_or_path", tiny_llama_dir, "--data_path", bad, "--output_dir", tmp_path / "o",
-        "--fsdp", "full_shard auto_wrap", "--fsdp_transformer_layer_cls_to_wrap", "LLaMADecoderLayer",
-    ], nproc=1, check=False)
+    result = run_script(
+        [
+            "--model_name_or_path",
+            tiny_llama_dir,
+            "--data_path",
+            bad,
+            "--output_dir",
+            tmp_path / "o",
+            "--fsdp",
+            "full_shard auto_wrap",
+            "--fsdp_transformer_layer_cls_to_wrap",
+            "LLaMADecoderLayer",
+        ],
+        nproc=1,
+        check=False,
+    )
     # (torchrun then adds its own report of the failed process)
     assert result.returncode != 0 and "train.py: error: --fsdp_transformer_layer_cls_to_wrap" in result.stderr
     assert "LLaMADecoderLayer: LlamaForCausalLM has no such layer" in result.stderr
@@ -513,8 +740,19 @@ def test_bad_data_and_wrong_layer_class_fail_with_one_clear_line(tiny_llama_dir,
 
 
 def test_fsdp_without_torchrun_says_how_to_launch(tiny_llama_dir, data_file, tmp_path):
-    result = run_script(["--model_name_or_path", tiny_llama_dir, "--data_path", data_file, "--output_dir", tmp_path / "o",
-                         "--fsdp", "full_shard auto_wrap"], check=False)
+    result = run_script(
+        [
+            "--model_name_or_path",
+            tiny_llama_dir,
+            "--data_path",
+            data_file,
+            "--output_dir",
+            tmp_path / "o",
+            "--fsdp",
+            "full_shard auto_wrap",
+        ],
+        check=False,
+    )
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "launch with torchrun --nproc_per_node=N" in result.stderr
 
@@ -522,16 +760,42 @@ def test_fsdp_without_torchrun_says_how_to_launch(tiny_llama_dir, data_file, tmp
 @pytest.mark.distributed
 def test_deepspeed_in_one_plain_process(tiny_llama_dir, data_file, tmp_path):
     out = tmp_path / "out"
-    run_script(["--model_name_or_path", tiny_llama_dir, "--data_path", data_file, "--output_dir", out, "--max_steps", "1",
-                "--per_device_train_batch_size", "2", "--save_strategy", "no",
-                "--deepspeed", ROOT / "configs" / "default_offload_opt_param.json"])
+    run_script(
+        [
+            "--model_name_or_path",
+            tiny_llama_dir,
+            "--data_path",
+            data_file,
+            "--output_dir",
+            out,
+            "--max_steps",
+            "1",
+            "--per_device_train_batch_size",
+            "2",
+            "--save_strategy",
+            "no",
+            "--deepspeed",
+            ROOT / "configs" / "default_offload_opt_param.json",
+        ]
+    )
     logits(out)
 
 
 def test_help_explains_the_added_flags():
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True, cwd=ROOT
+    )
     assert result.returncode == 0
-    for flag in ("--data_path", "--model_max_length", "--padding_free", "--use_lora", "--evaluation_strategy",
-                 "--fsdp_transformer_layer_cls_to_wrap", "--warmup_ratio", "--skip_invalid", "--val_set_size"):
+    for flag in (
+        "--data_path",
+        "--model_max_length",
+        "--padding_free",
+        "--use_lora",
+        "--evaluation_strategy",
+        "--fsdp_transformer_layer_cls_to_wrap",
+        "--warmup_ratio",
+        "--skip_invalid",
+        "--val_set_size",
+    ):
         assert flag in result.stdout
     assert os.path.basename(str(ROOT / "train.py")) in result.stdout

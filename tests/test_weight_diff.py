@@ -1,6 +1,7 @@
 """weight_diff.py on tiny LLaMA checkpoints built at test time: make_diff / recover / verify round
 trips against the original's load-everything arithmetic, every input format, the [PAD] row, and
 the failures that must leave nothing behind. Budget: under 1 minute on 2 cores."""
+
 import hashlib
 import json
 import os
@@ -21,7 +22,13 @@ import utils
 import weight_diff
 from helpers import ROOT, build_tiny_llama
 
-NON_WEIGHT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+NON_WEIGHT_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -39,7 +46,13 @@ def load_weights(directory: pathlib.Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def save_weights(tensors: dict[str, torch.Tensor], directory: pathlib.Path, fmt: str, shards: int = 1, like: pathlib.Path | None = None) -> pathlib.Path:
+def save_weights(
+    tensors: dict[str, torch.Tensor],
+    directory: pathlib.Path,
+    fmt: str,
+    shards: int = 1,
+    like: pathlib.Path | None = None,
+) -> pathlib.Path:
     """Write `tensors` as a checkpoint directory: fmt "safetensors" or "bin", in `shards` files
     (with the index json transformers writes when there are several), plus the config and
     tokenizer files of `like`."""
@@ -129,7 +142,9 @@ def dirs(tmp_path_factory) -> dict[str, pathlib.Path]:
 
 
 def recover_quietly(path_raw, path_diff, path_tuned=None, **kwargs) -> None:
-    weight_diff.recover(str(path_raw), str(path_diff), None if path_tuned is None else str(path_tuned), test_inference=False, **kwargs)
+    weight_diff.recover(
+        str(path_raw), str(path_diff), None if path_tuned is None else str(path_tuned), test_inference=False, **kwargs
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +273,10 @@ def test_tied_embeddings_stored_once_or_twice(tmp_path):
     tuned = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     assert "lm_head.weight" in tuned and "lm_head.weight" not in load_weights(tmp_path / "tuned")
     raw_both = save_weights(
-        {**load_weights(tmp_path / "raw"), "lm_head.weight": load_weights(tmp_path / "raw")["model.embed_tokens.weight"]},
+        {
+            **load_weights(tmp_path / "raw"),
+            "lm_head.weight": load_weights(tmp_path / "raw")["model.embed_tokens.weight"],
+        },
         tmp_path / "raw_both",
         "bin",
         like=tmp_path / "raw",
@@ -290,7 +308,13 @@ def test_every_input_format_recovers_the_same_bits(dirs, tmp_path, fmt, shards):
 
 @pytest.mark.parametrize("dtype,fmt", [(torch.bfloat16, "safetensors"), (torch.float16, "bin")])
 def test_half_precision_raw_is_upcast_before_adding(dirs, tmp_path, dtype, fmt):
-    raw = save_weights({k: v.to(dtype) for k, v in load_weights(dirs["raw"]).items()}, tmp_path / "raw", fmt, shards=2, like=dirs["raw"])
+    raw = save_weights(
+        {k: v.to(dtype) for k, v in load_weights(dirs["raw"]).items()},
+        tmp_path / "raw",
+        fmt,
+        shards=2,
+        like=dirs["raw"],
+    )
     weight_diff.make_diff(str(raw), str(dirs["tuned"]), str(tmp_path / "diff"))
     recover_quietly(raw, tmp_path / "diff", tmp_path / "out")
     assert_bit_identical(load_weights(tmp_path / "out"), original_recover(raw, tmp_path / "diff"))
@@ -330,7 +354,10 @@ def test_diff_with_2023_rotary_buffers_and_raw_without(dirs, tmp_path, capsys):
     config = transformers.AutoConfig.from_pretrained(dirs["raw"])
     head_dim = config.hidden_size // config.num_attention_heads
     computed = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
-    offsets = {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.full((head_dim // 2,), 0.25 * (i + 1)) for i in range(2)}
+    offsets = {
+        f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.full((head_dim // 2,), 0.25 * (i + 1))
+        for i in range(2)
+    }
     diff.update(offsets)
     save_weights(diff, tmp_path / "diff", "safetensors", like=dirs["diff"])
     manifest = json.loads((dirs["diff"] / weight_diff.MANIFEST_NAME).read_text())
@@ -375,7 +402,10 @@ def test_verify_catches_a_single_flipped_bit(dirs, tmp_path):
 
 def test_wrong_raw_model_is_caught_by_the_manifest(dirs, tmp_path):
     build_tiny_llama(tmp_path / "other_raw", seed=7)
-    with pytest.raises(utils.UsageError, match=r"recovered tensor model\.embed_tokens\.weight does not match .*not the one the diff was made from"):
+    with pytest.raises(
+        utils.UsageError,
+        match=r"recovered tensor model\.embed_tokens\.weight does not match .*not the one the diff was made from",
+    ):
         recover_quietly(tmp_path / "other_raw", dirs["diff"], tmp_path / "out")
     assert_nothing_left(tmp_path / "out")
 
@@ -412,8 +442,14 @@ def _diff_variant(dirs, tmp_path, edit) -> pathlib.Path:
 @pytest.mark.parametrize(
     "edit,message",
     [
-        (lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"), r"raw has 1 tensors that .*diff lacks \(model\.layers\.1\.self_attn\.k_proj\.weight\)"),
-        (lambda t: t.update({"model.layers.9.extra.weight": torch.zeros(2)}), r"diff has 1 tensors that .*raw lacks \(model\.layers\.9\.extra\.weight\)"),
+        (
+            lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"),
+            r"raw has 1 tensors that .*diff lacks \(model\.layers\.1\.self_attn\.k_proj\.weight\)",
+        ),
+        (
+            lambda t: t.update({"model.layers.9.extra.weight": torch.zeros(2)}),
+            r"diff has 1 tensors that .*raw lacks \(model\.layers\.9\.extra\.weight\)",
+        ),
         (
             lambda t: t.update({"model.layers.0.mlp.up_proj.weight": torch.zeros(64, 31)}),
             r"tensor model\.layers\.0\.mlp\.up_proj\.weight: shape \(64, 32\) in .*raw but \(64, 31\) in .*diff",
@@ -466,7 +502,9 @@ def test_pickle_carrying_code_is_refused_without_running_it(dirs, tmp_path):
     marker = tmp_path / "marker"
     diff = save_weights(tensors, tmp_path / "diff", "bin", like=dirs["diff"])
     torch.save({**tensors, "model.norm.weight": _Payload(str(marker))}, diff / "pytorch_model.bin")
-    with pytest.raises(utils.UsageError, match=r"pytorch_model\.bin: refused: unpickling it needs objects other than tensors") as error:
+    with pytest.raises(
+        utils.UsageError, match=r"pytorch_model\.bin: refused: unpickling it needs objects other than tensors"
+    ) as error:
         recover_quietly(dirs["raw"], diff, tmp_path / "out")
     assert "Unsupported global" in str(error.value) and "weights_only=False" not in str(error.value)
     assert not marker.exists()
@@ -493,12 +531,24 @@ def test_existing_target_needs_overwrite(dirs, tmp_path):
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "weight_diff.py"), *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "weight_diff.py"), *args], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
 
 
 @pytest.mark.slow
 def test_command_line_recover_with_test_inference(dirs, tmp_path):
-    result = _run("recover", "--path_raw", str(dirs["raw"]), "--path_diff", str(dirs["diff"]), "--path_tuned", str(tmp_path / "out"), "--test_inference", "True")
+    result = _run(
+        "recover",
+        "--path_raw",
+        str(dirs["raw"]),
+        "--path_diff",
+        str(dirs["diff"]),
+        "--path_tuned",
+        str(tmp_path / "out"),
+        "--test_inference",
+        "True",
+    )
     assert result.returncode == 0, result.stderr
     # The Alpaca no-input template with \n line breaks, then a greedy completion.
     prompt = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\nList three technologies that make life easier.\n\n### Response:"
@@ -508,7 +558,10 @@ def test_command_line_recover_with_test_inference(dirs, tmp_path):
 
     failed = _run("verify", "--path_tuned", str(dirs["raw"]), "--manifest", str(dirs["diff"]))
     assert failed.returncode == 1
-    assert failed.stderr.strip().splitlines()[-1].startswith("weight_diff.py: error: ") and "Traceback" not in failed.stderr
+    assert (
+        failed.stderr.strip().splitlines()[-1].startswith("weight_diff.py: error: ")
+        and "Traceback" not in failed.stderr
+    )
 
 
 def test_importing_does_not_import_openai():
@@ -518,7 +571,17 @@ def test_importing_does_not_import_openai():
 
 def test_unusable_device_fails_before_recovering(dirs, tmp_path):
     device = "cuda" if not torch.cuda.is_available() else "cuda:999"
-    result = _run("recover", "--path_raw", str(dirs["raw"]), "--path_diff", str(dirs["diff"]), "--path_tuned", str(tmp_path / "out"), "--device", device)
+    result = _run(
+        "recover",
+        "--path_raw",
+        str(dirs["raw"]),
+        "--path_diff",
+        str(dirs["diff"]),
+        "--path_tuned",
+        str(tmp_path / "out"),
+        "--device",
+        device,
+    )
     assert result.returncode == 1 and f"error: --device {device} cannot be used here" in result.stderr
     assert "recover:" not in result.stderr  # no progress bar: nothing was recovered first
     assert_nothing_left(tmp_path / "out")
