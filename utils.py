@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -229,3 +230,60 @@ def run_main(main: Callable[[], Any], errors: tuple[type[BaseException], ...] = 
         main()
     except (UsageError, *errors) as e:
         sys.exit(f"{os.path.basename(sys.argv[0])}: error: {e}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def check_model_source(name_or_path: str, flag: str = "--model_name_or_path", tokenizer: bool = True) -> None:
+    """Fail at once, in one line, for a model that cannot be loaded, instead of a long traceback
+    after the hub client's retries: a local directory without config.json, weights or (with
+    `tokenizer`) tokenizer files, or a name that is no local path while the hub cannot be reached."""
+    if os.path.isdir(name_or_path):
+        files = set(os.listdir(name_or_path))
+        missing = [
+            what
+            for what, names in (
+                ("config.json", ("config.json",)),
+                ("weights (model.safetensors or pytorch_model.bin, or their index)", WEIGHT_FILES),
+                ("tokenizer (tokenizer.json or tokenizer.model)", TOKENIZER_FILES if tokenizer else ()),
+            )
+            if names and not files & set(names)
+        ]
+        if missing:
+            raise UsageError(f"{flag} {name_or_path}: the directory has no {', no '.join(missing)}")
+        return
+    if os.path.exists(name_or_path):
+        raise UsageError(f"{flag} {name_or_path}: not a directory")
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1
+    if looks_local:
+        raise UsageError(f"{flag} {name_or_path}: no such directory")
+    if not hub_reachable():
+        raise UsageError(
+            f"{flag} {name_or_path}: no such local directory, and the Hugging Face hub, where a model of that "
+            "name would be found, cannot be reached from here"
+        )
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (or the mirror HF_ENDPOINT names) answers a connection."""
+    from urllib.parse import urlsplit
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    endpoint = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True

@@ -62,3 +62,26 @@ def _circular():
     loop = []
     loop.append(loop)
     return loop
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda tmp: tmp / "nope", "no such directory"),
+        (lambda tmp: "demo_output/tunedd", "no such local directory, and the Hugging Face hub"),
+        (lambda tmp: tmp, "the directory has no config.json, no weights"),
+    ],
+)
+def test_a_model_that_cannot_be_loaded_is_one_line(tmp_path, monkeypatch, make, message):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without the hub
+    with pytest.raises(utils.UsageError, match=message):
+        utils.check_model_source(str(make(tmp_path)))
+
+
+def test_a_complete_model_directory_passes_and_offline_means_no_hub(tiny_llama_dir, monkeypatch):
+    utils.check_model_source(str(tiny_llama_dir))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert not utils.hub_reachable()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    assert not utils.hub_reachable()
