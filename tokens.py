@@ -49,20 +49,26 @@ def grow_embeddings(model: transformers.PreTrainedModel, vocab_size: int) -> Non
 def smart_tokenizer_and_embedding_resize(
     special_tokens: dict[str, str], tokenizer: transformers.PreTrainedTokenizerBase, model: transformers.PreTrainedModel
 ) -> int:
-    """Add special tokens; when that grows the vocabulary, grow the input and output embeddings
-    and set each new token's row to the mean of the old tokens' rows. Returns the number of
-    tokens added."""
+    """Add special tokens and give each new token an embedding row, the mean of the old tokens'
+    rows (see `init_new_token_embeddings`). Returns the number of tokens added."""
     num_new_tokens = tokenizer.add_special_tokens(special_tokens)
+    init_new_token_embeddings(model, len(tokenizer), num_new_tokens)
+    return num_new_tokens
+
+
+def init_new_token_embeddings(model: transformers.PreTrainedModel, vocab_size: int, num_new_tokens: int) -> None:
+    """For the last `num_new_tokens` of a vocabulary of `vocab_size` tokens, just added to the
+    tokenizer: grow the input and output embeddings when needed and set the new tokens' rows to
+    the mean of the old tokens' rows."""
     if num_new_tokens == 0:
-        return 0
-    grow_embeddings(model, len(tokenizer))
+        return
+    grow_embeddings(model, vocab_size)
     weights = [model.get_input_embeddings().weight]
     if model.get_output_embeddings() is not None and model.get_output_embeddings().weight is not weights[0]:
         weights.append(model.get_output_embeddings().weight)
     with _gathered(weights), torch.no_grad():
         for weight in weights:
-            init_new_rows_to_mean(weight, num_new_tokens, len(tokenizer))
-    return num_new_tokens
+            init_new_rows_to_mean(weight, num_new_tokens, vocab_size)
 
 
 def init_new_rows_to_mean(weight: torch.Tensor, num_new_rows: int, vocab_size: int | None = None) -> None:

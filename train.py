@@ -126,7 +126,9 @@ PROJECT_ARGUMENTS = (ModelArguments, DataArguments, LoraArguments, OldSpellings)
 HELP_EPILOG = (
     "Every flag of the Hugging Face Trainer (transformers.TrainingArguments: --output_dir, --num_train_epochs, "
     "--learning_rate, --bf16, --fsdp, --deepspeed, ...) is accepted too; `python train.py --help_all` lists them "
-    "(it loads the Trainer, which takes a few seconds)."
+    "(it loads the Trainer, which takes a few seconds). Resuming: a run resumes from the newest complete checkpoint "
+    "in --output_dir on its own; --resume_from_checkpoint PATH picks a checkpoint, --resume_from_checkpoint False "
+    "starts afresh. Ctrl-C saves a checkpoint after the current step and stops."
 )
 
 
@@ -140,6 +142,13 @@ def trainer_arguments_class() -> type:
         _argument_group_name = "Hugging Face Trainer (transformers.TrainingArguments)"
 
         optim: str = field(default="adamw_torch", metadata={"help": "Optimizer (the original's default: adamw_torch)."})
+        resume_from_checkpoint: str | None = field(
+            default=None,
+            metadata={
+                "help": "A checkpoint directory to resume from, or False to start afresh. By default train.py "
+                "resumes from the newest complete checkpoint in --output_dir."
+            },
+        )
 
     # The Trainer saves its arguments with torch.save, which pickles the class by its name:
     # make it findable as train.TrainingArguments.
@@ -264,6 +273,10 @@ def training_arguments(trainer: dict[str, Any]) -> transformers.TrainingArgument
         )
     if trainer.get("deepspeed") and "RANK" not in os.environ:
         _describe_single_process_job()
+    if on_cpu(trainer):
+        # DeepSpeed, imported by the Trainer's integrations whenever it is installed, otherwise
+        # warns on every CPU run that it found no accelerator.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     args = trainer_arguments_class()(**trainer)  # sets up devices and, under torchrun, the process group
     if args.deepspeed and on_cpu(trainer):
         # On CPU the Trainer starts torch.distributed (gloo) but not DeepSpeed's own
@@ -323,6 +336,11 @@ def make_supervised_data_module(
         return examples, counts, len(records)
 
     examples, counts, num_records = tokens.run_on_main_process(load_and_tokenize)
+    if not examples:
+        raise UsageError(
+            f"{data_args.data_path}: no example fits in --model_max_length {data_args.model_max_length}: "
+            "the prompt alone is longer in every one"
+        )
     if training_args.process_index == 0:
         print(
             f"{data_args.data_path}: {num_records} records -> {len(examples)} examples; "
@@ -349,11 +367,28 @@ def make_supervised_data_module(
 # Model
 
 
+def load_tokenizer(model_args: ModelArguments) -> transformers.PreTrainedTokenizerBase:
+    """The base model's tokenizer, padding on the right for training. It keeps its own
+    model_max_length (training cuts examples itself), so the saved tokenizer does not claim the
+    model stops at the training length."""
+    try:
+        return transformers.AutoTokenizer.from_pretrained(
+            model_args.model_name_or_path, cache_dir=model_args.cache_dir, padding_side="right"
+        )
+    except OSError as e:  # a hub name that is not there, or a download that failed
+        raise UsageError(
+            f"--model_name_or_path {model_args.model_name_or_path}: cannot load its tokenizer ({e})"
+        ) from None
+
+
 def load_model(model_args: ModelArguments) -> transformers.PreTrainedModel:
     dtype = model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype)
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        model_args.model_name_or_path, cache_dir=model_args.cache_dir, dtype=dtype
-    )
+    try:
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            model_args.model_name_or_path, cache_dir=model_args.cache_dir, dtype=dtype
+        )
+    except OSError as e:
+        raise UsageError(f"--model_name_or_path {model_args.model_name_or_path}: cannot load the model ({e})") from None
 
 
 def check_fsdp_layer_classes(model: torch.nn.Module, training_args: transformers.TrainingArguments) -> None:
@@ -434,30 +469,34 @@ def last_checkpoint(training_args: transformers.TrainingArguments) -> str | None
 
 def train(argv: Sequence[str] | None = None) -> transformers.Trainer:
     args = parse_arguments(argv)
+    utils.check_model_source(args.model.model_name_or_path)
     training_args = training_arguments(args.trainer)
     # Imported here: the Trainer loads peft and most of transformers, which --help does not need.
-    import sharding
+    import trainer_hooks
+
+    # The data is read, checked and tokenized before the model loads, so that bad data fails in
+    # seconds rather than after minutes of loading.
+    tokenizer = load_tokenizer(args.model)
+    num_new_tokens = tokenizer.add_special_tokens(tokens.missing_special_tokens(tokenizer))
+    data_module = make_supervised_data_module(tokenizer, args.data, training_args)
 
     model = load_model(args.model)
     check_fsdp_layer_classes(model, training_args)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(
-        args.model.model_name_or_path,
-        cache_dir=args.model.cache_dir,
-        model_max_length=args.data.model_max_length,
-        padding_side="right",
-    )
-    tokens.smart_tokenizer_and_embedding_resize(tokens.missing_special_tokens(tokenizer), tokenizer, model)
+    tokens.init_new_token_embeddings(model, len(tokenizer), num_new_tokens)
     tokens.set_special_token_ids(model, tokenizer)
     if args.data.padding_free:
         check_padding_free_support(model)
     if args.lora.use_lora:
         model = add_lora(model, args.lora)
 
-    data_module = make_supervised_data_module(tokenizer, args.data, training_args)
-    trainer = sharding.Trainer(model=model, processing_class=tokenizer, args=training_args, **data_module)
+    trainer = trainer_hooks.Trainer(model=model, processing_class=tokenizer, args=training_args, **data_module)
     if training_args.world_size > 1:
-        trainer.add_callback(sharding.ShardReport())
+        trainer.add_callback(trainer_hooks.ShardReport())
+    interrupt = trainer_hooks.CheckpointOnInterrupt()
+    trainer.add_callback(interrupt)
     trainer.train(resume_from_checkpoint=last_checkpoint(training_args))
+    if interrupt.interrupted:
+        stop_after_interrupt(trainer)
     if data_module["eval_dataset"] is not None and training_args.eval_strategy == "no":
         trainer.evaluate()
     trainer.save_state()
@@ -466,11 +505,29 @@ def train(argv: Sequence[str] | None = None) -> transformers.Trainer:
         merged_dir = os.path.join(training_args.output_dir, "merged")
         trainer.model.merge_and_unload().save_pretrained(merged_dir)
         tokenizer.save_pretrained(merged_dir)
+    end_process_group()
+    return trainer
+
+
+def stop_after_interrupt(trainer: transformers.Trainer) -> None:
+    """After Ctrl-C: say where the run stopped and how to go on, and exit as interrupted (130)."""
+    checkpoint = os.path.join(trainer.args.output_dir, f"checkpoint-{trainer.state.global_step}")
+    if trainer.is_world_process_zero():
+        print(
+            f"train.py: interrupted after step {trainer.state.global_step}; {checkpoint} is saved. "
+            "Run the same command again to resume from it.",
+            file=sys.stderr,
+            flush=True,
+        )
+    end_process_group()
+    sys.exit(130)
+
+
+def end_process_group() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Left to interpreter shutdown, the communication threads can abort the process.
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-    return trainer
 
 
 if __name__ == "__main__":

@@ -225,11 +225,16 @@ def run_fire(component: Any, errors: tuple[type[BaseException], ...] = ()) -> No
 
 
 def run_main(main: Callable[[], Any], errors: tuple[type[BaseException], ...] = ()) -> None:
-    """Call `main`, reporting a UsageError (or one of `errors`) as one line without a traceback."""
+    """Call `main`, reporting a UsageError (or one of `errors`) as one line without a traceback,
+    and a Ctrl-C as one line too (exit status 130)."""
+    script = os.path.basename(sys.argv[0])
     try:
         main()
     except (UsageError, *errors) as e:
-        sys.exit(f"{os.path.basename(sys.argv[0])}: error: {e}")
+        sys.exit(f"{script}: error: {e}")
+    except KeyboardInterrupt:  # a Ctrl-C that the script has no better answer to
+        print(f"\n{script}: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,7 +246,8 @@ WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+# tokenizer_config.json alone is no tokenizer: transformers would build an empty one from it.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 def check_model_source(name_or_path: str, flag: str = "--model_name_or_path", tokenizer: bool = True) -> None:
@@ -255,7 +261,7 @@ def check_model_source(name_or_path: str, flag: str = "--model_name_or_path", to
             for what, names in (
                 ("config.json", ("config.json",)),
                 ("weights (model.safetensors or pytorch_model.bin, or their index)", WEIGHT_FILES),
-                ("tokenizer (tokenizer.json or tokenizer.model)", TOKENIZER_FILES if tokenizer else ()),
+                ("tokenizer (tokenizer.json, tokenizer.model or vocab.json)", TOKENIZER_FILES if tokenizer else ()),
             )
             if names and not files & set(names)
         ]

@@ -33,7 +33,8 @@ def test_quick_demo_runs_the_whole_loop(embedded_model_dir, tmp_path):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for number in range(1, 6):
-        assert f"== [{number}/5]" in result.stdout
+        assert f"== [{number}/5]" in result.stdout and f"-- step {number} took " in result.stdout
+    assert "Time per step" in result.stdout and " s  total" in result.stdout
     summary = json.loads((demo_dir / "generate" / "regen_summary.json").read_text())
     assert summary["counts"]["requests"] == 1 and summary["counts"]["completion_tokens"] > 0
     assert isinstance(json.loads((demo_dir / "generate" / "regen.json").read_text()), list)

@@ -35,10 +35,10 @@ FIRE_COMMANDS = [
 ]
 
 
-def run_help(command: list[str]) -> tuple[str, set[str]]:
+def run_help(command: list[str], flag: str = "--help") -> tuple[str, set[str]]:
     """The help text of `command --help` and the modules that Python imported to print it."""
     result = subprocess.run(
-        [sys.executable, "-X", "importtime", *command, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120
+        [sys.executable, "-X", "importtime", *command, flag], capture_output=True, text=True, cwd=ROOT, timeout=120
     )
     assert result.returncode == 0, result.stderr[-3000:]
     imported = set(re.findall(r"^import time:\s+\d+ \|\s+\d+ \| +(\S+)$", result.stderr, flags=re.MULTILINE))
@@ -94,9 +94,11 @@ def test_train_help_lists_the_projects_flags_first_and_marks_the_required_one():
 
 
 def test_train_help_all_adds_the_trainers_flags_after_the_projects():
-    text, _ = run_help(["train.py", "--help_all"])
+    text, _ = run_help(["train.py"], flag="--help_all")
     options = text.split("\nmodel:\n", 1)[1]
     assert options.index("--padding_free") < options.index("Hugging Face Trainer") < options.index("--learning_rate")
+    resume_help = words(options.split("  --resume_from_checkpoint RESUME_FROM_CHECKPOINT", 1)[1][:600])
+    assert "resumes from the newest complete checkpoint" in resume_help and "Not directly used" not in resume_help
 
 
 def test_help_in_a_terminal_is_printed_not_paged():

@@ -11,7 +11,7 @@ import pytest
 from helpers import ROOT
 
 SCRIPTS = {"generate_instruction", "train", "weight_diff", "inference", "analyze_data", "demo"}
-SHARED_MODULES = {"utils", "tokens", "sharding", "rouge_dedup", "embedded_model"}
+SHARED_MODULES = {"utils", "tokens", "trainer_hooks", "rouge_dedup", "embedded_model"}
 
 
 def project_imports(module: str) -> set[str]:

@@ -41,7 +41,7 @@ def data_file(tmp_path):
     return path
 
 
-def run_script(args, nproc=None, timeout=600, check=True):
+def run_script(args, nproc=None, timeout=600, check=True, env=None):
     """Run train.py as users do: `python train.py ...` or `torchrun --nproc_per_node=N train.py ...`."""
     if nproc:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
@@ -53,6 +53,7 @@ def run_script(args, nproc=None, timeout=600, check=True):
         text=True,
         timeout=timeout,
         cwd=ROOT,
+        env=None if env is None else {**os.environ, **env},
     )
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -175,6 +176,7 @@ def test_torchrun_fsdp_with_the_original_readme_flags(tiny_llama_dir, data_file,
         nproc=2,
     )
     assert "--tf32 has no effect without an NVIDIA GPU" in result.stderr
+    assert "Setting accelerator to CPU" not in result.stdout + result.stderr  # DeepSpeed's false alarm
     held = _held_parameter_values(result.stdout)
     assert sorted(held) == [0, 1]
     total = held[0][1]
@@ -799,3 +801,109 @@ def test_help_explains_the_added_flags():
     ):
         assert flag in result.stdout
     assert os.path.basename(str(ROOT / "train.py")) in result.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# The first hour: fast, clear failures and no false alarms
+
+
+@pytest.mark.parametrize(
+    "path, message", [("{tmp}/nope", "no such directory"), ("demo_output/tunedd", "cannot be reached")]
+)
+def test_a_model_that_does_not_exist_is_one_line_at_once(data_file, tmp_path, path, message):
+    path = path.format(tmp=tmp_path)
+    result = run_script(
+        ["--model_name_or_path", path, "--data_path", data_file, "--output_dir", tmp_path / "o"],
+        check=False,
+        env={"HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"train.py: error: --model_name_or_path {path}: ")
+    assert message in result.stderr
+
+
+def test_data_that_leaves_nothing_to_train_is_one_line(tiny_llama_dir, data_file, tmp_path):
+    result = run_script(
+        [
+            "--model_name_or_path",
+            tiny_llama_dir,
+            "--data_path",
+            data_file,
+            "--output_dir",
+            tmp_path / "o",
+            "--model_max_length",
+            "8",
+        ],
+        check=False,
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"train.py: error: {data_file}: no example fits in --model_max_length 8" in result.stderr
+
+
+def test_bad_data_fails_before_the_model_is_loaded(tiny_llama_dir, tmp_path):
+    """The model's weights are unreadable: the data error comes first, so the model was not loaded."""
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for item in tiny_llama_dir.iterdir():
+        (model_dir / item.name).write_bytes(item.read_bytes())
+    (model_dir / "model.safetensors").write_bytes(b"not safetensors")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([RECORDS[0], {"instruction": "x"}]))
+    result = run_script(
+        ["--model_name_or_path", model_dir, "--data_path", bad, "--output_dir", tmp_path / "o"], check=False
+    )
+    assert f'train.py: error: {bad}: record 1, field "output": missing' in result.stderr, result.stderr[-2000:]
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes_without_false_alarms(data_file, tmp_path):
+    """The first Ctrl-C ends training after the step with a checkpoint and one line; the rerun
+    resumes from it. A tied model resumes without the 'missing keys: lm_head.weight' warning,
+    CPU runs without DeepSpeed's accelerator warning, and the tokenizer keeps its own
+    model_max_length (not the training length)."""
+    base = tmp_path / "tied"
+    build_tiny_llama(base, tie_word_embeddings=True)
+    base_max_length = transformers.AutoTokenizer.from_pretrained(base).model_max_length
+    out = tmp_path / "out"
+    flags = [
+        "--model_name_or_path",
+        base,
+        "--data_path",
+        data_file,
+        "--output_dir",
+        out,
+        "--logging_steps",
+        "1",
+        "--per_device_train_batch_size",
+        "2",
+        "--save_strategy",
+        "no",
+        "--model_max_length",
+        "256",
+    ]
+    command = [sys.executable, str(ROOT / "train.py"), "--report_to", "none", *map(str, flags), "--max_steps", "100000"]
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    while "'loss'" not in process.stdout.readline():  # training has started
+        assert process.poll() is None, process.stderr.read()[-3000:]
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr
+    [line] = [line for line in stderr.splitlines() if "interrupted" in line]
+    assert line.startswith("train.py: interrupted after step ") and "Run the same command again" in line
+    [checkpoint] = out.glob("checkpoint-*")
+    assert (checkpoint / "trainer_state.json").exists() and checkpoint.name in line
+    step = int(checkpoint.name.removeprefix("checkpoint-"))
+
+    rerun = run_script(flags + ["--max_steps", step + 1])
+    output = rerun.stdout + rerun.stderr
+    assert f"Resuming from {checkpoint}" in output
+    assert "missing keys" not in output and "Setting accelerator to CPU" not in output + stderr
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == step + 1
+    assert transformers.AutoTokenizer.from_pretrained(out).model_max_length == base_max_length
