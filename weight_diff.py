@@ -496,12 +496,13 @@ def expected_naive_sum(expected_sum: float | None, manifest: dict | None, path_d
     return ALPACA_7B_SUM if is_alpaca_7b(utils.jload(os.path.join(path_diff, "config.json"))) else None
 
 
-def check_naive_sum(total: float, expected: float | None, path_raw: str) -> None:
-    """Print the naive integrity value, and fail when it is off the expected one."""
+def check_naive_sum(total: float, expected: float | None, path_raw: str) -> str:
+    """Print the naive integrity value, fail when it is off the expected one, and return the
+    outcome for recover's summary of the checks."""
     print(f"naive integrity check: the sum of all recovered weights is {total:.4f}", end="")
     if expected is None:
         print(" (not checked: pass --expected_sum to check it)")
-        return
+        return "not applicable (no expected sum: the diff has no manifest and is not Alpaca-7B's; pass --expected_sum)"
     if abs(total - expected) > NAIVE_SUM_ATOL:
         print(", FAILED")
         raise UsageError(
@@ -511,6 +512,7 @@ def check_naive_sum(total: float, expected: float | None, path_raw: str) -> None
             "than Alpaca-7B, pass its --expected_sum or --check_integrity_naively False)"
         )
     print(f", expected {expected:.4f}: ok")
+    return f"passed ({total:.4f}, expected {expected:.4f})"
 
 
 def is_alpaca_7b(config: dict) -> bool:
@@ -553,6 +555,33 @@ def check_manifest_layout(manifest: dict, tensors: dict[str, TensorInfo], names:
             raise UsageError(
                 f"tensor {name}: shape {tensors[name].shape} in {source} but {manifest['tensors'][name]['shape']} in {manifest['path']}"
             )
+
+
+def check_model_dir(path: str, flag: str) -> None:
+    """Fail at once, in one line naming `flag`, for a path that is not a model directory with a
+    config, weights and a tokenizer (see utils.check_model_source). Local directories only: the
+    tensors are streamed from the files, so a hub name is never looked up or downloaded."""
+    if not os.path.lexists(path):
+        raise UsageError(f"{flag} {path}: no such directory (weight_diff.py reads local model directories only)")
+    utils.check_model_source(path, flag=flag, tokenizer=True)
+
+
+def has_manifest(directory: str) -> bool:
+    return os.path.exists(os.path.join(directory, MANIFEST_NAME))
+
+
+def refuse_diff_as_raw(path_raw: str, path_diff: str) -> None:
+    """Only a diff made by make_diff holds a manifest, so a --path_raw with one is a diff, most
+    likely given in place of the base model. Recovering from it would give a model nobody wants
+    (with the [PAD] row it fails on shapes; without, raw + diff is the same sum either way round
+    and would pass the naive check), so it is refused."""
+    if not has_manifest(path_raw):
+        return
+    problem = "both paths are weight diffs" if has_manifest(path_diff) else "--path_raw and --path_diff look swapped"
+    raise UsageError(
+        f"--path_raw {path_raw} holds {MANIFEST_NAME}, so it is a weight diff made by make_diff, not the base "
+        f"model: {problem} (recover takes --path_raw <base model> --path_diff <diff>)"
+    )
 
 
 def check_target(target: str, overwrite: bool, inputs: list[str]) -> None:
@@ -642,6 +671,8 @@ def make_diff(
         overwrite: replace an existing path_diff (only once the new diff is complete).
         max_shard_size_gb: largest safetensors shard to write, in GB (10^9 bytes).
     """
+    check_model_dir(path_raw, "--path_raw")
+    check_model_dir(path_tuned, "--path_tuned")
     check_target(path_diff, overwrite, [path_raw, path_tuned])
     raw, tuned, order, new_rows = pair_checkpoints(path_raw, path_tuned)
     shapes = [tuned[name].shape for name in order]
@@ -699,6 +730,8 @@ def recover(
 
     Args:
         path_raw: the base model directory (e.g. LLaMA-7B converted to Hugging Face format).
+            A diff made by make_diff, which holds weight_diff_manifest.json, is refused, since
+            the two paths are then swapped.
         path_diff: the weight diff directory (e.g. the released Alpaca-7B diff).
         path_tuned: where to save the recovered model; must not exist unless --overwrite True.
             Without it the model is recovered into a temporary directory, checked, tried and
@@ -721,14 +754,26 @@ def recover(
     if output_dtype not in OUTPUT_DTYPES:
         raise UsageError(f"--output_dtype {output_dtype}: choose one of {', '.join(OUTPUT_DTYPES)}")
     dtype = OUTPUT_DTYPES[output_dtype]
+    check_model_dir(path_raw, "--path_raw")
+    check_model_dir(path_diff, "--path_diff")
+    refuse_diff_as_raw(path_raw, path_diff)
     if test_inference:  # fail now, not after the whole recovery
         check_device(device)
     if path_tuned is not None:
         check_target(path_tuned, overwrite, [path_raw, path_diff])
     raw, diff, order, new_rows = pair_checkpoints(path_raw, path_diff)
-    manifest = read_manifest(path_diff) if os.path.exists(os.path.join(path_diff, MANIFEST_NAME)) else None
+    # What each check found, for the summary at the end.
+    checks = {}
+    manifest = read_manifest(path_diff) if has_manifest(path_diff) else None
     if manifest is not None:
         check_manifest_layout(manifest, diff, set(order), path_diff)
+    else:
+        # The 2023 Alpaca-7B diff has no manifest; any other diff without one may be no diff at all.
+        checks["manifest"] = (
+            f"skipped: no {MANIFEST_NAME} in --path_diff {path_diff} (make_diff writes one; the 2023 Alpaca-7B "
+            "diff has none. If it is the base model, --path_raw and --path_diff are swapped)"
+        )
+        print(f"manifest check: {checks['manifest']}")
     shapes = [diff[name].shape for name in order]
     buffer = reusable_buffer(shapes, torch.float32)
     cast_buffer = reusable_buffer(shapes, dtype) if dtype != torch.float32 else None
@@ -754,14 +799,22 @@ def recover(
                     name, recovered if cast_buffer is None else shaped(cast_buffer, recovered.shape).copy_(recovered)
                 )
         if manifest is not None:
+            checks["manifest"] = f"passed (all {len(order)} recovered tensors match {manifest['path']}, sha256)"
             print(f"exact integrity check: all {len(order)} recovered tensors match {manifest['path']} (sha256)")
-        expected = expected_naive_sum(expected_sum, manifest, path_diff) if check_integrity_naively else None
-        check_naive_sum(naive_sum(sums, order), expected, path_raw)
+        total = naive_sum(sums, order)
+        if check_integrity_naively:
+            expected = expected_naive_sum(expected_sum, manifest, path_diff)
+            checks["naive sum"] = check_naive_sum(total, expected, path_raw)
+        else:
+            checks["naive sum"] = "skipped (--check_integrity_naively False)"
+            print(f"naive integrity check: {checks['naive sum']}; the sum of all recovered weights is {total:.4f}")
         save_config_and_tokenizer(path_diff, out, dtype)
         if test_inference:
             run_test_inference(out, device, dtype)
+        checks["test inference"] = f"ran on {device}" if test_inference else "skipped (--test_inference False)"
     if path_tuned is not None:
         print(f"wrote {path_tuned}: {len(order)} tensors in {output_dtype}")
+    print("checks:\n" + "\n".join(f"  {check}: {outcome}" for check, outcome in checks.items()))
 
 
 def verify(path_tuned: str, manifest: str) -> None:

@@ -7,6 +7,7 @@ import json
 import os
 import pathlib
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -429,6 +430,55 @@ def test_alpaca_7b_expected_sum_is_kept():
     assert not weight_diff.is_alpaca_7b({**config, "vocab_size": 32000})
 
 
+def _recover_output(capsys, *args, **kwargs) -> tuple[str, list[str]]:
+    """What recover prints, and the lines of its closing summary of the checks."""
+    recover_quietly(*args, **kwargs)
+    out = capsys.readouterr().out
+    return out, out[out.index("checks:\n") :].splitlines()
+
+
+def test_summary_lists_each_check_and_its_outcome(dirs, capsys):
+    manifest = json.loads((dirs["diff"] / weight_diff.MANIFEST_NAME).read_text())
+    total = f"{manifest['naive_sum']:.4f}"
+    _, summary = _recover_output(capsys, dirs["raw"], dirs["diff"])
+    assert summary == [
+        "checks:",
+        f"  manifest: passed (all {len(manifest['tensors'])} recovered tensors match "
+        f"{dirs['diff'] / weight_diff.MANIFEST_NAME}, sha256)",
+        f"  naive sum: passed ({total}, expected {total})",
+        "  test inference: skipped (--test_inference False)",
+    ]
+    _, summary = _recover_output(capsys, dirs["raw"], dirs["diff"], check_integrity_naively=False)
+    assert summary[2] == "  naive sum: skipped (--check_integrity_naively False)"
+
+
+def test_diff_without_manifest_recovers_and_says_the_manifest_check_was_skipped(dirs, tmp_path, capsys):
+    diff = tmp_path / "diff"
+    shutil.copytree(dirs["diff"], diff)
+    (diff / weight_diff.MANIFEST_NAME).unlink()
+    out, summary = _recover_output(capsys, dirs["raw"], diff, tmp_path / "out")
+    skipped = f"skipped: no weight_diff_manifest.json in --path_diff {diff} (make_diff writes one"
+    assert f"manifest check: {skipped}" in out.splitlines()[0]  # said before recovering, and again at the end
+    assert summary[1].startswith(f"  manifest: {skipped}") and "are swapped" in summary[1]
+    assert summary[2].startswith("  naive sum: not applicable (no expected sum")
+    assert_bit_identical(load_weights(tmp_path / "out"), load_weights(dirs["recovered"]))
+
+
+def test_swapped_raw_and_diff_are_refused(dirs, tmp_path):
+    # Without a [PAD] row the shapes agree and raw + diff is the same sum either way round: a
+    # recovery from swapped paths would pass. With one, it would fail on shapes. Both are refused
+    # up front, naming the swap.
+    weight_diff.make_diff(str(dirs["padded"]), str(dirs["tuned"]), str(tmp_path / "diff"))
+    for raw, diff in ((dirs["padded"], tmp_path / "diff"), (dirs["raw"], dirs["diff"])):
+        with pytest.raises(
+            utils.UsageError,
+            match=rf"^--path_raw {re.escape(str(diff))} holds weight_diff_manifest\.json, so it is a weight diff .*"
+            r"--path_raw and --path_diff look swapped",
+        ):
+            recover_quietly(diff, raw, tmp_path / "out")
+        assert_nothing_left(tmp_path / "out")
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad inputs: a clear error naming the problem, and nothing at the target
 
@@ -554,6 +604,7 @@ def test_command_line_recover_with_test_inference(dirs, tmp_path):
     prompt = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\nList three technologies that make life easier.\n\n### Response:"
     assert f"Input: {prompt}\nCompletion: " in result.stdout
     assert "expected" in result.stdout and ": ok" in result.stdout
+    assert "\n  test inference: ran on cpu\n" in result.stdout
     assert_bit_identical(load_weights(tmp_path / "out"), load_weights(dirs["recovered"]))
 
     failed = _run("verify", "--path_tuned", str(dirs["raw"]), "--manifest", str(dirs["diff"]))
@@ -562,6 +613,39 @@ def test_command_line_recover_with_test_inference(dirs, tmp_path):
         failed.stderr.strip().splitlines()[-1].startswith("weight_diff.py: error: ")
         and "Traceback" not in failed.stderr
     )
+
+
+def _model_without(source: pathlib.Path, directory: pathlib.Path, *names: str) -> pathlib.Path:
+    """A copy of the model directory `source` without the files `names`."""
+    shutil.copytree(source, directory, ignore=shutil.ignore_patterns(*names))
+    return directory
+
+
+@pytest.mark.parametrize(
+    "command,flag,problem",
+    [
+        ("make_diff", "--path_raw", "no such directory"),
+        ("make_diff", "--path_raw", "the directory has no weights"),
+        ("make_diff", "--path_tuned", "the directory has no tokenizer"),
+        ("recover", "--path_diff", "no such directory"),
+    ],
+    ids=["missing-raw", "raw-without-weights", "tuned-without-tokenizer", "missing-diff"],
+)
+def test_unusable_model_path_fails_at_once_in_one_line(dirs, tmp_path, command, flag, problem):
+    paths = {"--path_raw": dirs["raw"], "--path_tuned": dirs["tuned"], "--path_diff": dirs["diff"]}
+    if problem == "no such directory":
+        paths[flag] = tmp_path / "nowhere"
+    elif problem == "the directory has no weights":
+        paths[flag] = _model_without(paths[flag], tmp_path / "model", "*.safetensors")
+    else:
+        paths[flag] = _model_without(paths[flag], tmp_path / "model", "tokenizer*")
+    target = "--path_diff" if command == "make_diff" else "--path_tuned"
+    paths[target] = tmp_path / "out"
+    result = _run(command, *(str(part) for flag_and_path in paths.items() for part in flag_and_path))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"weight_diff.py: error: {flag} {paths[flag]}: {problem}")
+    assert_nothing_left(tmp_path / "out")
 
 
 def test_importing_does_not_import_openai():
