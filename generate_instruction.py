@@ -6,7 +6,8 @@
 Each prompt is prompt.txt followed by a few seed tasks as numbered blocks; the model continues
 the list, the continuation is parsed back into tasks and filtered, and a task is kept unless its
 ROUGE-L F-measure against a seed or an already kept instruction is above 0.7. Kept tasks go to
-`output_dir/regen.json`, rewritten atomically after every request; rerunning resumes from it.
+`output_dir/regen.json`, rewritten atomically after every request; rerunning resumes from it
+after a crash or a Ctrl-C (which stops the run at once, with every finished request saved).
 Counts, token usage and cost go to `output_dir/regen_summary.json`.
 
 The endpoint is `--api_base` (else $OPENAI_BASE_URL, else OpenAI) with the key in
@@ -23,6 +24,8 @@ import math
 import os
 import random
 import re
+import signal
+import socket
 import string
 import threading
 import time
@@ -42,6 +45,10 @@ BLACKLIST = [
     "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram",
 ]  # fmt: skip
 _BLACKLIST_RE = re.compile(r"\b({})\b".format("|".join(BLACKLIST)), flags=re.IGNORECASE)
+
+# The prompt format's own markers: inside an instruction they are a garbled task (the model ran
+# two tasks together), not content. Case matters: "the following input:" is an ordinary phrase.
+_PROMPT_MARKER_RE = re.compile(r"(?i:<noinput>)|\b(?:Instruction|Input|Output):")
 
 # prompt.txt asks for 20 tasks: stop when the model starts the 20th. The original stopped at
 # "\n20" and "20.", which also fire inside content such as "in 2020." or "$20.".
@@ -88,7 +95,8 @@ def encode_prompt(prompt_instructions: list[dict], prompt_path: str = "./prompt.
 
 
 def drop_reason(instruction: str) -> str | None:
-    """Why the original's filters reject an instruction, or None when it passes."""
+    """Why the filters reject an instruction, or None when it passes: the original's, then ours
+    (a prompt marker such as "<noinput>" or "2. Input:" inside it)."""
     word_count = len(instruction.split())
     if word_count <= 3:
         return "too_short"
@@ -103,6 +111,8 @@ def drop_reason(instruction: str) -> str | None:
         return "starts_with_punctuation"
     if not instruction[0].isascii():
         return "starts_non_ascii"
+    if _PROMPT_MARKER_RE.search(instruction):
+        return "prompt_marker"
     return None
 
 
@@ -147,8 +157,8 @@ def post_process_response(
 
 
 class StopGeneration(RuntimeError):
-    """The run cannot go on: the endpoint refused the key, the permission or the model, or too
-    many requests in a row failed."""
+    """The run cannot go on: the endpoint cannot be reached, refused the key, the permission or
+    the model, or too many requests in a row failed."""
 
 
 class RequestFailed(RuntimeError):
@@ -169,15 +179,20 @@ class Completion:
     choices: list[tuple[str, str | None]]
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    retries: int = 0
     failures: list["RequestFailed"] = dataclasses.field(default_factory=list)
+
+
+# An endpoint that refuses connections or whose name does not resolve gets this many retries
+# (after 1 s, then 2 s: a local server may be just starting) before the run stops.
+UNREACHABLE_RETRIES = 2
 
 
 class Endpoint:
     """An OpenAI-compatible endpoint shared by the request threads. It retries transient failures
     (429, 5xx, timeouts, dropped connections) with exponential backoff and jitter, honouring
     Retry-After; shrinks max_tokens on a context-length error; and raises StopGeneration for
-    errors that no retry can fix."""
+    errors that no retry can fix, among them an endpoint that cannot be reached at all. It counts
+    every retry in `retries`, whether or not the request finally succeeded."""
 
     def __init__(
         self,
@@ -210,6 +225,7 @@ class Endpoint:
         self.max_retries = max_retries
         self.retry_base_delay = retry_base_delay
         self.stop_event = stop_event
+        self.retries = 0
         self._lock = threading.Lock()
 
     def complete(self, prompts: list[str]) -> Completion:
@@ -234,7 +250,6 @@ class Endpoint:
         while True:
             try:
                 completion = self._call(prompts, max_tokens)
-                completion.retries += retries
                 self._settle_max_tokens(max_tokens)
                 return completion
             except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
@@ -256,13 +271,21 @@ class Endpoint:
             except (openai.APIConnectionError, openai.APIStatusError) as e:
                 if isinstance(e, openai.RateLimitError) and getattr(e, "code", None) == "insufficient_quota":
                     raise StopGeneration(f"{self.where}: quota exhausted: {self._masked(_message(e))}") from None
+                unreachable = _why_never_connected(e)
+                if unreachable and retries >= min(UNREACHABLE_RETRIES, self.max_retries):
+                    raise StopGeneration(
+                        f"cannot connect to {self.where}: {unreachable} ({retries + 1} attempts); "
+                        "check that the server is running and that --api_base is right"
+                    ) from None
                 status = getattr(e, "status_code", None)
                 transient = status is None or status in (408, 409, 429) or status >= 500
                 if not transient or retries >= self.max_retries:
                     raise RequestFailed(f"{self._masked(_describe(e))} (after {retries} retries)") from None
-                if self.stop_event.wait(self._retry_delay(e, retries)):
+                delay = self._unreachable_delay(retries) if unreachable else self._retry_delay(e, retries)
+                if self.stop_event.wait(delay):
                     raise RequestFailed("the run is stopping") from None
                 retries += 1
+                self._count_retry()
 
     def _masked(self, text: str) -> str:
         """`text` with the API key replaced by ***: some servers quote it in their errors, and
@@ -362,6 +385,10 @@ class Endpoint:
         tqdm.tqdm.write(f"context length exceeded: max_tokens {sent_max_tokens} -> {new_max_tokens}")
         return new_max_tokens
 
+    def _count_retry(self) -> None:
+        with self._lock:
+            self.retries += 1
+
     def _settle_max_tokens(self, max_tokens: int) -> None:
         """A request succeeded with `max_tokens`: later requests start from it."""
         with self._lock:
@@ -376,6 +403,11 @@ class Endpoint:
         if asked is not None:
             return asked
         return min(60.0, self.retry_base_delay * 2**retries) * random.uniform(0.5, 1.0)
+
+    def _unreachable_delay(self, retries: int) -> float:
+        """Seconds to wait before retrying a connection that was never made: 1 s, then 2 s (less
+        with a smaller --retry_base_delay), so that the run stops within seconds."""
+        return min(self.retry_base_delay, 1.0) * 2**retries
 
 
 def send_in_background(endpoint: Endpoint, prompts: list[str]) -> Future:
@@ -417,6 +449,22 @@ def _seconds(value: str | None, unit: float) -> float | None:
     return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
+def _why_never_connected(error: Exception) -> str | None:
+    """What kept a request from reaching the server at all (connection refused, a host name that
+    does not resolve), found in the exception's cause chain; None when it did connect (or for an
+    error other than a connection error), since then the server may answer a retry."""
+    if not isinstance(error, openai.APIConnectionError):
+        return None
+    cause = error.__cause__ or error.__context__
+    while cause is not None:
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(cause, socket.gaierror):
+            return f"the host name does not resolve ({cause.strerror})"
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
 def _usage(response) -> tuple[int, int]:
     usage = getattr(response, "usage", None)
     return (getattr(usage, "prompt_tokens", 0) or 0, getattr(usage, "completion_tokens", 0) or 0)
@@ -427,7 +475,6 @@ def _concatenate(parts: list[Completion]) -> Completion:
         [choice for part in parts for choice in part.choices],
         sum(part.prompt_tokens for part in parts),
         sum(part.completion_tokens for part in parts),
-        sum(part.retries for part in parts),
     )
 
 
@@ -548,8 +595,7 @@ def batch_prompts(
 
 def candidate_tasks(completion: Completion, num_prompt_instructions: int, counts: collections.Counter) -> list[dict]:
     """The tasks of one request's completions that pass the filters. Adds the request's usage,
-    retries, failed prompts, empty completions and dropped tasks (by reason) to `counts`."""
-    counts["retries"] += completion.retries
+    failed prompts, empty completions and dropped tasks (by reason) to `counts`."""
     counts["prompt_tokens"] += completion.prompt_tokens
     counts["completion_tokens"] += completion.completion_tokens
     for failure in completion.failures:
@@ -563,6 +609,15 @@ def candidate_tasks(completion: Completion, num_prompt_instructions: int, counts
         counts.update({f"dropped_{reason}": n for reason, n in dropped.items()})
     counts["generated"] += len(candidates)
     return candidates
+
+
+def progress_counts(counts: collections.Counter) -> dict[str, int]:
+    """The counts the progress bar shows: generated, kept, failed requests and each drop reason."""
+    return {
+        k.removeprefix("dropped_"): v
+        for k, v in counts.items()
+        if k.startswith("dropped_") or k in ("generated", "kept", "failed_requests")
+    }
 
 
 def cost(
@@ -632,7 +687,9 @@ def generate_instruction_following_data(
         similarity_threshold: Drop a task whose ROUGE-L F-measure against a seed or kept
             instruction is above this.
         request_timeout: Seconds before a request is abandoned and retried.
-        max_retries: Retries of a request on 429, 5xx, timeouts and dropped connections.
+        max_retries: Retries of a request on 429, 5xx, timeouts and dropped connections. An
+            endpoint that refuses the connection or whose name does not resolve gets at most 2
+            retries, 1 s and 2 s apart, and then the run stops.
         retry_base_delay: First backoff delay in seconds (doubles each retry, with jitter) when
             the endpoint does not send Retry-After.
         max_consecutive_failures: Stop the run after this many requests in a row failed or
@@ -673,6 +730,7 @@ def generate_instruction_following_data(
     # Without regen.json this is a new run, whatever an old summary says.
     summary = load_summary(summary_path if os.path.exists(regen_path) else None)
     counts, batches_done = summary["counts"], summary["batches_done"]
+    retries_of_earlier_runs = counts["retries"]
     stop_event = threading.Event()
     endpoint = Endpoint(
         model_name,
@@ -702,6 +760,8 @@ def generate_instruction_following_data(
         )
 
     def write_summary(status: str) -> None:
+        # The endpoint counts retries as they happen: those of failed and abandoned requests too.
+        counts["retries"] = retries_of_earlier_runs + endpoint.retries
         report = {
             "status": status,
             "kept_total": len(kept),
@@ -715,7 +775,11 @@ def generate_instruction_following_data(
         }
         utils.write_text_atomically(json.dumps(report, indent=4) + "\n", summary_path)
 
-    progress = tqdm.tqdm(total=num_instructions_to_generate, initial=len(kept), desc="kept", unit="task")
+    # The bar counts what ends the run: the requests when --max_requests caps them, else the kept tasks.
+    if max_requests is None:
+        progress = tqdm.tqdm(total=num_instructions_to_generate, initial=len(kept), desc="kept", unit="task")
+    else:
+        progress = tqdm.tqdm(total=max_requests, desc="requests", unit="request")
     in_flight: collections.deque[Future] = collections.deque()
     next_batch = batches_done
     request_limit = None if max_requests is None else batches_done + max_requests
@@ -732,38 +796,35 @@ def generate_instruction_following_data(
                 completion = in_flight.popleft().result()
             except RequestFailed as e:
                 completion = Completion([], failures=[e])
-            candidates = candidate_tasks(completion, num_prompt_instructions, counts)
-            newly_kept = kept.add_novel(candidates, similarity_threshold)
-            counts["dropped_similar"] += len(candidates) - newly_kept
-            counts["kept"] += newly_kept
-            if newly_kept:
-                kept.save()
-                progress.update(newly_kept)
-            batches_done += 1
-            counts["requests"] += 1
-            shown = {
-                k.removeprefix("dropped_"): v
-                for k, v in counts.items()
-                if k.startswith("dropped_") or k in ("generated", "failed_requests")
-            }
-            progress.set_postfix(shown, refresh=False)
-            if candidates:
-                consecutive_failures = 0
-            else:
-                consecutive_failures += 1
-                last_error = (
-                    str(completion.failures[-1]) if completion.failures else "the completions held no usable task"
-                )
-                if consecutive_failures >= max_consecutive_failures:
-                    raise StopGeneration(
-                        f"{consecutive_failures} requests in a row failed or gave nothing usable; last: {last_error}"
+            # A Ctrl-C waits until the batch is folded in and saved, so the files agree with each other.
+            with _ctrl_c_deferred():
+                candidates = candidate_tasks(completion, num_prompt_instructions, counts)
+                newly_kept = kept.add_novel(candidates, similarity_threshold)
+                counts["dropped_similar"] += len(candidates) - newly_kept
+                counts["kept"] += newly_kept
+                if newly_kept:
+                    kept.save()
+                progress.update(newly_kept if max_requests is None else 1)
+                batches_done += 1
+                counts["requests"] += 1
+                progress.set_postfix(progress_counts(counts), refresh=False)
+                if candidates:
+                    consecutive_failures = 0
+                else:
+                    consecutive_failures += 1
+                    last_error = (
+                        str(completion.failures[-1]) if completion.failures else "the completions held no usable task"
                     )
-            # The summary is accounting only: once a second is enough. After a crash it may lag,
-            # and the resumed run repeats those requests (with a deterministic endpoint, their
-            # tasks duplicate kept ones and are dropped).
-            if time.monotonic() - summary_written >= 1.0:
-                write_summary("running")
-                summary_written = time.monotonic()
+                    if consecutive_failures >= max_consecutive_failures:
+                        raise StopGeneration(
+                            f"{consecutive_failures} requests in a row failed or gave nothing usable; last: {last_error}"
+                        )
+                # The summary is accounting only: once a second is enough. After a crash it may lag,
+                # and the resumed run repeats those requests (with a deterministic endpoint, their
+                # tasks duplicate kept ones and are dropped).
+                if time.monotonic() - summary_written >= 1.0:
+                    write_summary("running")
+                    summary_written = time.monotonic()
         status = "complete" if len(kept) >= num_instructions_to_generate else "request limit reached"
     except StopGeneration as e:
         status = f"stopped: {e}"
@@ -772,16 +833,40 @@ def generate_instruction_following_data(
         # Requests still in flight are abandoned (their daemon threads do not hold up the exit);
         # the stop event ends their retry waits.
         stop_event.set()
-        progress.close()
-        if not os.path.exists(regen_path):
-            kept.save()  # the output exists even when nothing was kept
-        write_summary(status)
+        with _ctrl_c_deferred():
+            progress.close()
+            if not os.path.exists(regen_path):
+                kept.save()  # the output exists even when nothing was kept
+            write_summary(status)
     return kept.tasks
+
+
+@contextlib.contextmanager
+def _ctrl_c_deferred():
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block and raise it as KeyboardInterrupt
+    once the block is done, so that an interrupted run never leaves a batch half saved."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if not in_main_thread or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        # Only the main thread can set a handler, and a SIGINT that is ignored or handled by the
+        # caller is not ours to change.
+        yield
+        return
+    pressed = []
+    signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if pressed:
+        raise KeyboardInterrupt
 
 
 def main() -> None:
     utils.run_fire(
-        {"generate_instruction_following_data": generate_instruction_following_data}, errors=(StopGeneration, OSError)
+        {"generate_instruction_following_data": generate_instruction_following_data},
+        errors=(StopGeneration, OSError),
+        # The run saved regen.json and regen_summary.json on its way out.
+        interrupted="interrupted; what was done is saved in regen.json: rerun the same command to resume",
     )
 
 

@@ -214,26 +214,29 @@ def load_records(path: str) -> list:
 # Command lines
 
 
-def run_fire(component: Any, errors: tuple[type[BaseException], ...] = ()) -> None:
+def run_fire(component: Any, errors: tuple[type[BaseException], ...] = (), interrupted: str = "interrupted") -> None:
     """Run a fire command line: help printed straight to the terminal (fire would open a pager),
     returned values not printed (the scripts write files), and a UsageError (or one of `errors`)
-    reported as one line, `SCRIPT: error: ...`, with exit status 1."""
+    and a Ctrl-C reported as one line each (see `run_main`)."""
     import fire
 
     os.environ.setdefault("PAGER", "cat")
-    run_main(lambda: fire.Fire(component, serialize=lambda result: None), errors)
+    run_main(lambda: fire.Fire(component, serialize=lambda result: None), errors, interrupted)
 
 
-def run_main(main: Callable[[], Any], errors: tuple[type[BaseException], ...] = ()) -> None:
+def run_main(
+    main: Callable[[], Any], errors: tuple[type[BaseException], ...] = (), interrupted: str = "interrupted"
+) -> None:
     """Call `main`, reporting a UsageError (or one of `errors`) as one line without a traceback,
-    and a Ctrl-C as one line too (exit status 130)."""
+    `SCRIPT: error: ...` with exit status 1, and a Ctrl-C as `SCRIPT: <interrupted>` with exit
+    status 130 (`interrupted` can say what was saved and how to go on)."""
     script = os.path.basename(sys.argv[0])
     try:
         main()
     except (UsageError, *errors) as e:
         sys.exit(f"{script}: error: {e}")
-    except KeyboardInterrupt:  # a Ctrl-C that the script has no better answer to
-        print(f"\n{script}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"\n{script}: {interrupted}", file=sys.stderr)
         sys.exit(130)
 
 

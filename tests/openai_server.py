@@ -157,6 +157,12 @@ class OpenAIServer:
             def log_message(self, *args):  # keep test output clean
                 pass
 
+            def handle(self):
+                try:
+                    super().handle()
+                except ConnectionResetError:
+                    pass  # the client went away between requests (a generator killed or interrupted)
+
             def do_GET(self):
                 if self.path.rstrip("/") == "/v1/models":
                     data = [{"id": m, "object": "model", "created": 0, "owned_by": "test"} for m in server.models]

@@ -1,5 +1,6 @@
 """generate_instruction.py against a real local HTTP server speaking the OpenAI API
-(tests/openai_server.py), through the real `openai` client. Budget: about 40 s on 2 cores."""
+(tests/openai_server.py), through the real `openai` client. Budget: about a minute on 2 cores,
+half of it in the tests marked slow (real subprocesses: kill -9, Ctrl-C, unreachable endpoints)."""
 
 import collections
 import email.utils
@@ -8,6 +9,8 @@ import os
 import pathlib
 import random
 import re
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +21,14 @@ from rouge_score import rouge_scorer
 
 import generate_instruction
 import utils
-from generate_instruction import STOP_SEQUENCES, StopGeneration, encode_prompt, post_process_response
+from generate_instruction import (
+    STOP_SEQUENCES,
+    Completion,
+    StopGeneration,
+    candidate_tasks,
+    encode_prompt,
+    post_process_response,
+)
 from helpers import ROOT, shared_file
 from openai_server import OpenAIServer, self_instruct_writer
 
@@ -70,7 +80,7 @@ def generate(server, files, output_dir, **overrides):
     """Run the generator in-process against `server` with small, fast settings."""
     arguments = dict(
         output_dir=str(output_dir), num_instructions_to_generate=40, model_name="test-model", request_batch_size=2,
-        api_base=server.base_url, seed=0, retry_base_delay=0.01, request_timeout=5.0, num_cpus=1, **files,
+        api_base=server.base_url if server else None, seed=0, retry_base_delay=0.01, request_timeout=5.0, num_cpus=1, **files,
     )  # fmt: skip
     arguments.update(overrides)
     return generate_instruction.generate_instruction_following_data(**arguments)
@@ -140,6 +150,25 @@ def test_post_process_applies_every_filter():
         too_short=1, blacklisted_word=2, write_a_program=1, starts_with_punctuation=1, starts_non_ascii=1,
         too_long=1, unparseable=1,
     )  # fmt: skip
+
+
+def test_prompt_markers_inside_an_instruction_are_dropped_with_their_own_reason():
+    def task(number, instruction):
+        return f"{number}. Instruction: {instruction}\n{number}. Input:\n<noinput>\n{number}. Output:\nok\n###\n"
+
+    instructions = [
+        "Teach me how to make a logi<noinput> of a bat and ball.",  # seen in the demo's output
+        "Describe the weather in the city. 2. Input: Paris in May",
+        "Explain what input validation means for a web form.",
+        "Classify the following input: a sentence about cats.",  # a lowercase phrase, not the marker
+    ]
+    text = "".join(task(4 + i, instruction) for i, instruction in enumerate(instructions))
+    counts = collections.Counter()
+    kept = candidate_tasks(Completion([(text.removeprefix("4. Instruction:"), "stop")]), 3, counts)
+    assert [t["instruction"] for t in kept] == instructions[2:]
+    assert counts["dropped_prompt_marker"] == 2 and not any(
+        k.startswith("dropped_") and k != "dropped_prompt_marker" for k in counts
+    )
 
 
 def test_post_process_word_count_bounds():
@@ -398,6 +427,31 @@ def test_request_failing_after_its_retries_is_counted_and_the_run_goes_on(server
     kept = generate(server, files, tmp_path / "out", num_instructions_to_generate=20, max_retries=1)
     counts = summary_of(tmp_path / "out")["counts"]
     assert len(kept) >= 20 and counts["failed_requests"] == 1 and counts["requests"] == 2
+    assert counts["retries"] == 1, "the failed request's retry is counted too"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (the OS just handed it out and took it back)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def unreachable_address(kind: str) -> tuple[str, str]:
+    """An endpoint that cannot be reached, and the reason the generator gives for it."""
+    if kind == "refused":
+        return f"http://127.0.0.1:{free_port()}/v1", "connection refused"
+    return "http://nonexistent.invalid:8000/v1", "the host name does not resolve"
+
+
+@pytest.mark.parametrize("kind", ["refused", "unresolvable"])
+def test_unreachable_endpoint_stops_after_two_quick_retries(files, tmp_path, kind):
+    address, reason = unreachable_address(kind)
+    with pytest.raises(StopGeneration, match=f"cannot connect to {re.escape(address)}: {reason}.* \\(3 attempts\\)"):
+        generate(None, files, tmp_path / "out", api_base=address, max_retries=6)
+    summary = summary_of(tmp_path / "out")
+    assert summary["status"].startswith(f"stopped: cannot connect to {address}")
+    assert summary["counts"]["retries"] == 2 and summary["batches_done"] == 0
 
 
 def test_malformed_and_empty_answers_are_counted(server, files, tmp_path):
@@ -585,6 +639,19 @@ def test_finished_run_exits_without_waiting_for_abandoned_requests(files, tmp_pa
         assert time.monotonic() - started < 15 and len(server.requests) == 2  # the second one still hangs
 
 
+def test_progress_bar_counts_requests_when_max_requests_caps_the_run(files, tmp_path):
+    """A run capped at 2 requests shows a bar of 2 requests, not of 400 tasks it will never keep."""
+    env = dict(os.environ, OPENAI_API_KEY="test-key")
+    with OpenAIServer() as server:
+        command = cli(
+            files, tmp_path / "out", server.base_url, "--num_instructions_to_generate", "400", "--max_requests", "2"
+        )
+        finished = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr
+    assert "requests: 100%" in finished.stderr and "2/2" in finished.stderr
+    assert "/400" not in finished.stderr
+
+
 def test_cli_reports_a_stopped_run_and_documents_its_flags(files, tmp_path):
     env = dict(os.environ, OPENAI_API_KEY="wrong-key")
     with OpenAIServer(api_key="right-key") as server:
@@ -609,6 +676,56 @@ def test_cli_reports_a_stopped_run_and_documents_its_flags(files, tmp_path):
         "--price_per_1k_prompt_tokens",
     ):
         assert flag in shown.stdout + shown.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["refused", "unresolvable"])
+def test_cli_stops_within_seconds_when_the_endpoint_cannot_be_reached(files, tmp_path, kind):
+    """With the default retry settings, which used to retry a refused connection for 7 min 42 s."""
+    address, reason = unreachable_address(kind)
+    env = dict(os.environ, OPENAI_API_KEY="test-key")
+    started = time.monotonic()
+    command = cli(files, tmp_path / "out", address)
+    stopped = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert time.monotonic() - started < 15  # the requirement itself, Python's start-up included
+    assert stopped.returncode == 1 and "Traceback" not in stopped.stderr
+    last_line = stopped.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"generate_instruction.py: error: cannot connect to {address}: {reason}")
+    assert summary_of(tmp_path / "out")["counts"]["retries"] == 2
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_what_is_done_and_a_rerun_resumes(files, tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, OPENAI_API_KEY="test-key")
+    with OpenAIServer(latency=0.3) as server:
+        process = subprocess.Popen(
+            cli(files, out, server.base_url, "--num_instructions_to_generate", "400"),
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        while not (out / "regen.json").exists() and process.poll() is None:
+            time.sleep(0.01)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=30)
+        assert process.returncode == 130, stderr
+        assert "Traceback" not in stderr and stderr.count("interrupted") == 1
+        assert stderr.strip().splitlines()[-1] == (
+            "generate_instruction.py: interrupted; what was done is saved in regen.json: rerun the same command to resume"
+        )
+        saved = json.loads((out / "regen.json").read_text())
+        summary = summary_of(out)
+        assert summary["status"] == "interrupted" and summary["counts"]["kept"] == len(saved) > 0
+        assert summary["batches_done"] == summary["counts"]["requests"]
+
+        resumed = subprocess.run(
+            cli(files, out, server.base_url, "--num_instructions_to_generate", str(len(saved) + 1)),
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"Loaded {len(saved)} machine-generated instructions" in resumed.stdout
+    final = json.loads((out / "regen.json").read_text())
+    assert final[: len(saved)] == saved and len(final) > len(saved)
+    assert summary_of(out)["batches_done"] == summary["batches_done"] + 1
 
 
 def test_import_does_not_load_torch():
