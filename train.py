@@ -21,14 +21,17 @@ import socket
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import transformers
 
-import tokens
 import utils
 from utils import UsageError
+
+# torch (and tokens.py, which needs it) take seconds to import, so they are imported where they
+# are used: --help, and a mistyped command line or model path, are then answered at once.
+if TYPE_CHECKING:
+    import torch
 
 # ---------------------------------------------------------------------------------------------
 # Arguments: the project's own flags in the first four groups, then the Trainer's own.
@@ -158,7 +161,8 @@ def trainer_arguments_class() -> type:
 
 
 def build_parser(with_trainer: bool) -> transformers.HfArgumentParser:
-    """The command line: the project's flags, and the Trainer's when `with_trainer`."""
+    """The command line: the project's flags, and the Trainer's when `with_trainer` (without
+    them, no abbreviation stands for a flag, since a Trainer flag may begin like one of ours)."""
     description, _, _ = __doc__.partition("Run `python train.py --help")
     types = PROJECT_ARGUMENTS + ((trainer_arguments_class(),) if with_trainer else ())
     return transformers.HfArgumentParser(
@@ -167,6 +171,7 @@ def build_parser(with_trainer: bool) -> transformers.HfArgumentParser:
         description=description.strip(),
         epilog=None if with_trainer else HELP_EPILOG,
         formatter_class=HelpFormatter,
+        allow_abbrev=with_trainer,
     )
 
 
@@ -200,6 +205,10 @@ def parse_arguments(argv: Sequence[str] | None = None) -> Arguments:
         build_parser(with_trainer=False).parse_args(["--help"])
     if "--help_all" in argv:
         build_parser(with_trainer=True).parse_args(["--help"])
+    # The project's flags first, with the light parser: a model path that cannot work is then
+    # reported before the Trainer's arguments (seconds to import) are even loaded.
+    own, _ = build_parser(with_trainer=False).parse_known_args(argv)
+    utils.check_model_source(own.model_name_or_path)
     namespace = vars(build_parser(with_trainer=True).parse_args(argv))
 
     def take(dataclass_type: type) -> Any:
@@ -241,6 +250,8 @@ def _fsdp_config_with_layer_class(fsdp_config: Any, layer_class: str) -> dict:
 
 
 def on_cpu(trainer: dict[str, Any]) -> bool:
+    import torch
+
     return bool(trainer.get("use_cpu")) or not torch.accelerator.is_available()
 
 
@@ -248,6 +259,8 @@ def adapt_to_hardware(trainer: dict[str, Any]) -> None:
     """Run GPU command lines on a CPU-only machine, and give one clear line instead of a stack
     trace for precision modes the GPU lacks. On CPU the Trainer needs use_cpu for gloo, and TF32
     is a GPU matmul mode with no CPU meaning, so it is skipped with a warning."""
+    import torch
+
     if on_cpu(trainer):
         trainer["use_cpu"] = True
         if trainer.get("tf32"):
@@ -329,6 +342,7 @@ def make_supervised_data_module(
     training_args: transformers.TrainingArguments,
 ) -> dict:
     """Datasets and collator for the Trainer; tokenization runs once, on the main process."""
+    import tokens
 
     def load_and_tokenize():
         records = load_training_records(data_args.data_path, data_args.skip_invalid)
@@ -382,6 +396,8 @@ def load_tokenizer(model_args: ModelArguments) -> transformers.PreTrainedTokeniz
 
 
 def load_model(model_args: ModelArguments) -> transformers.PreTrainedModel:
+    import torch
+
     dtype = model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype)
     try:
         return transformers.AutoModelForCausalLM.from_pretrained(
@@ -412,6 +428,7 @@ def check_padding_free_support(model: transformers.PreTrainedModel) -> None:
     """Refuse --padding_free for a model whose attention crosses packed examples: it must build
     its attention mask from the restarting position ids, and some models (e.g. OPT) do not.
     Two short sequences are compared packed and apart."""
+    import torch
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     if is_deepspeed_zero3_enabled():
@@ -469,9 +486,9 @@ def last_checkpoint(training_args: transformers.TrainingArguments) -> str | None
 
 def train(argv: Sequence[str] | None = None) -> transformers.Trainer:
     args = parse_arguments(argv)
-    utils.check_model_source(args.model.model_name_or_path)
     training_args = training_arguments(args.trainer)
     # Imported here: the Trainer loads peft and most of transformers, which --help does not need.
+    import tokens
     import trainer_hooks
 
     # The data is read, checked and tokenized before the model loads, so that bad data fails in
@@ -524,6 +541,8 @@ def stop_after_interrupt(trainer: transformers.Trainer) -> None:
 
 
 def end_process_group() -> None:
+    import torch
+
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Left to interpreter shutdown, the communication threads can abort the process.
         torch.distributed.barrier()

@@ -90,7 +90,7 @@ def test_train_help_lists_the_projects_flags_first_and_marks_the_required_one():
     options = text.split("\nmodel:\n", 1)[1]
     data_path_help = words(options.split("--data_path DATA_PATH", 1)[1].split("--val_set_size", 1)[0])
     assert "required" in data_path_help and "default" not in data_path_help
-    assert not {"peft", "deepspeed", "transformers.trainer", "transformers.training_args"} & imported
+    assert not {"torch", "peft", "deepspeed", "transformers.trainer", "transformers.training_args"} & imported
 
 
 def test_train_help_all_adds_the_trainers_flags_after_the_projects():

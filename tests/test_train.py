@@ -325,9 +325,11 @@ def test_padding_free_is_refused_for_a_model_whose_attention_crosses_examples(tm
     assert "--padding_free: OPTForCausalLM lets packed examples attend to each other" in result.stderr
 
 
-def test_old_flag_spellings_map_to_todays_arguments(tmp_path):
+def test_old_flag_spellings_map_to_todays_arguments(tiny_llama_dir, tmp_path):
     args = train.parse_arguments(
         [
+            "--model_name_or_path",
+            str(tiny_llama_dir),
             "--data_path",
             "d.json",
             "--output_dir",
@@ -345,7 +347,7 @@ def test_old_flag_spellings_map_to_todays_arguments(tmp_path):
     assert trainer_args.train_sampling_strategy == "group_by_length"
 
 
-def test_parsing_the_command_line_sets_nothing_up(tmp_path, monkeypatch):
+def test_parsing_the_command_line_sets_nothing_up(tiny_llama_dir, tmp_path, monkeypatch):
     """Parsing (even of a DeepSpeed run outside a launcher) leaves the environment and
     torch.distributed alone; training_arguments() is where the run time is set up."""
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
@@ -353,6 +355,8 @@ def test_parsing_the_command_line_sets_nothing_up(tmp_path, monkeypatch):
     before = dict(os.environ)
     args = train.parse_arguments(
         [
+            "--model_name_or_path",
+            str(tiny_llama_dir),
             "--data_path",
             "d.json",
             "--output_dir",
