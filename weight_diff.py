@@ -29,22 +29,26 @@ import contextlib
 import functools
 import hashlib
 import json
+import math
 import os
 import pickle
 import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-import transformers
-from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-import tokens
 import utils
-from tokens import init_new_rows_to_mean
 from utils import UsageError
+
+# torch, transformers and safetensors (and tokens, which imports torch) take seconds to import,
+# so they are imported where they are used: a mistyped command line or model path is then
+# reported at once.
+if TYPE_CHECKING:
+    import torch
+    import transformers
 
 MANIFEST_NAME = "weight_diff_manifest.json"
 # The original's naive integrity check: the sum of all parameter sums of the recovered
@@ -57,8 +61,9 @@ NAIVE_SUM_ATOL = 1e-2
 # is then the computed buffer, as the original's raw model held it after loading (see
 # `add_computed_rotary_buffers`). Buffers only the raw model has are skipped, with a note.
 RECOMPUTED_BUFFER_SUFFIX = ".rotary_emb.inv_freq"
-OUTPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# dtypes by their names in torch (see `dtype_name`), which is imported only when they are used.
+OUTPUT_DTYPES = ("float32", "bfloat16", "float16")
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # by their names there
 SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 TEST_INSTRUCTION = "List three technologies that make life easier."
 BLOCK_BYTES = 16 * 2**20  # read from a file at a time
@@ -68,8 +73,15 @@ BLOCK_BYTES = 16 * 2**20  # read from a file at a time
 # Reading checkpoints tensor by tensor
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch's name for `dtype`: "float32" for torch.float32."""
+    return str(dtype).removeprefix("torch.")
+
+
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The bytes of a contiguous tensor (little-endian, as safetensors stores them), not copied."""
+    import torch
+
     return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
@@ -123,6 +135,9 @@ def index_shards(index_path: str) -> dict[str, TensorInfo]:
 
 def describe_shard(path: str) -> dict[str, TensorInfo]:
     """Names, shapes and dtypes of the tensors in one .safetensors or .bin file."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+
     if path.endswith(".safetensors"):
         try:  # safe_open validates the header and that the file holds all the data it lists
             with safe_open(path, framework="pt") as f:
@@ -138,7 +153,12 @@ def describe_shard(path: str) -> dict[str, TensorInfo]:
             header_size = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(header_size))
         return {
-            name: TensorInfo(path, shape, SAFETENSORS_DTYPES[dtype], 8 + header_size + header[name]["data_offsets"][0])
+            name: TensorInfo(
+                path,
+                shape,
+                getattr(torch, SAFETENSORS_DTYPES[dtype]),
+                8 + header_size + header[name]["data_offsets"][0],
+            )
             for name, (shape, dtype) in stored.items()
         }
     state_dict = load_bin(path)
@@ -154,6 +174,8 @@ def load_bin(path: str) -> dict[str, torch.Tensor]:
     """A .bin state dict, memory-mapped (nothing is read until used) and unpickled with
     `weights_only=True`: only tensors and plain containers are rebuilt, so a file carrying
     code cannot run it. A file that needs more than that is refused, with no fallback."""
+    import torch
+
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
@@ -178,6 +200,8 @@ def read_buffer() -> torch.Tensor:
     freed tensor after tensor fragment the C heap, and the process grows by about a tensor's
     size each time: measured 1.1 GB instead of 0.5 GB over a 0.3B-parameter model. The same
     goes for `reusable_buffer`.)"""
+    import torch
+
     return torch.empty(BLOCK_BYTES, dtype=torch.uint8)
 
 
@@ -186,7 +210,7 @@ def stored_blocks(info: TensorInfo, name: str) -> Iterator[tuple[int, torch.Tens
     (index of the first element, block); a block is valid until the next one is yielded.
     Safetensors data is read with plain file reads into one reused buffer: memory stays at one
     block, where a memory map would keep every page it touched resident until it is closed."""
-    numel = torch.Size(info.shape).numel()
+    numel = math.prod(info.shape)
     block_elements = BLOCK_BYTES // info.dtype.itemsize
     if info.offset is None:  # .bin: memory-mapped copy-on-write, so the file is never written
         flat = load_bin(info.file)[name].reshape(-1)
@@ -212,13 +236,13 @@ def load_into(tensor: torch.Tensor, info: TensorInfo | torch.Tensor, name: str) 
     """Copy a stored tensor (or a computed one) into the first elements of `tensor`, converting
     it to the dtype of `tensor` (float32 here, as the original loaded every model)."""
     flat = tensor.view(-1)
-    if isinstance(info, torch.Tensor):
+    if not isinstance(info, TensorInfo):
         flat[: info.numel()] = info.reshape(-1)
         return
     if info.offset is not None and info.dtype == tensor.dtype:  # nothing to convert: read it in
         with open(info.file, "rb", buffering=0) as f:
             f.seek(info.offset)
-            read_exactly(f, flat[: torch.Size(info.shape).numel()], info, name)
+            read_exactly(f, flat[: math.prod(info.shape)], info, name)
         return
     for start, block in stored_blocks(info, name):
         flat[start : start + len(block)] = block
@@ -237,6 +261,8 @@ def one_torch_thread() -> Iterator[None]:
     one core, well above disk speed, while splitting each op over threads makes it wait for
     whichever core is busy: on a loaded 2-core machine an add ran at 1.3 GB/s on two threads
     and at 8 to 11 GB/s on one."""
+    import torch
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -248,12 +274,14 @@ def one_torch_thread() -> Iterator[None]:
 def reusable_buffer(shapes: list[tuple[int, ...]], dtype: torch.dtype) -> torch.Tensor:
     """Memory for the largest of `shapes`, to hold each tensor in turn (see `shaped`), instead
     of a new tensor each time, which would fragment the heap (see `read_buffer`)."""
-    return torch.empty(max(torch.Size(shape).numel() for shape in shapes), dtype=dtype)
+    import torch
+
+    return torch.empty(max(math.prod(shape) for shape in shapes), dtype=dtype)
 
 
 def shaped(buffer: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """The start of a reusable buffer, viewed as a tensor of `shape`."""
-    return buffer[: torch.Size(shape).numel()].view(shape)
+    return buffer[: math.prod(shape)].view(shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,7 +319,7 @@ class ShardedSafetensorsWriter:
 
     def nbytes(self, name: str) -> int:
         shape, dtype = self.layout[name]
-        return torch.Size(shape).numel() * dtype.itemsize
+        return math.prod(shape) * dtype.itemsize
 
     def start_shard(self, shard: int) -> None:
         header = {"__metadata__": {"format": "pt"}}  # transformers requires format=pt
@@ -299,7 +327,7 @@ class ShardedSafetensorsWriter:
         for name in self.shards[shard]:
             shape, dtype = self.layout[name]
             header[name] = {
-                "dtype": SAFETENSORS_NAMES[dtype],
+                "dtype": SAFETENSORS_NAMES[dtype_name(dtype)],
                 "shape": list(shape),
                 "data_offsets": [offset, offset + self.nbytes(name)],
             }
@@ -377,6 +405,8 @@ def add_computed_rotary_buffers(
     by transformers < 4.31) holds and it lacks, computed from the config as LLaMA layers then
     computed them when the model was built: the original's raw model held these values, so
     recovered = computed + diff, and the naive sum (Alpaca-7B's 50637.1836) counts them."""
+    import torch
+
     missing = [name for name in other.keys() - raw.keys() if name.endswith(RECOMPUTED_BUFFER_SUFFIX)]
     if not missing:
         return
@@ -444,11 +474,15 @@ def match_tensors(
 def count_added_tokens(path_raw: str) -> int:
     """How many tokens train.py adds to the raw tokenizer before fine-tuning ([PAD] when there
     is no pad token, and EOS/BOS/UNK when missing or empty): the number of new embedding rows."""
+    import tokens
+
     tokenizer = load_tokenizer(path_raw)
     return tokenizer.add_special_tokens(tokens.missing_special_tokens(tokenizer))
 
 
 def load_tokenizer(directory: str) -> transformers.PreTrainedTokenizerBase:
+    import transformers
+
     try:
         return transformers.AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError) as e:
@@ -456,6 +490,8 @@ def load_tokenizer(directory: str) -> transformers.PreTrainedTokenizerBase:
 
 
 def load_config(directory: str) -> transformers.PretrainedConfig:
+    import transformers
+
     try:
         return transformers.AutoConfig.from_pretrained(directory)
     except (OSError, ValueError) as e:
@@ -466,6 +502,9 @@ def state_dict_layout(config: transformers.PretrainedConfig) -> tuple[list[str],
     """The model's state_dict names in order, which the original iterated (the naive integrity
     sum adds float32 values in this order), and its tied copies: {copy: the name it is tied to},
     such as lm_head.weight when the word embeddings are tied."""
+    import torch
+    import transformers
+
     with torch.device("meta"):  # builds the module tree without allocating any weight
         model = transformers.AutoModelForCausalLM.from_config(config)
     first_name, tied = {}, {}
@@ -610,10 +649,9 @@ def save_config_and_tokenizer(source_dir: str, target_dir: str, dtype: torch.dty
     if not os.path.exists(config_path):
         raise UsageError(f"{source_dir}: no config.json")
     config = utils.jload(config_path)
-    dtype_name = str(dtype).removeprefix("torch.")
-    config["dtype"] = dtype_name
+    config["dtype"] = dtype_name(dtype)
     if "torch_dtype" in config:  # the key's name before transformers 4.56
-        config["torch_dtype"] = dtype_name
+        config["torch_dtype"] = dtype_name(dtype)
     utils.jdump(config, os.path.join(target_dir, "config.json"), indent=2)
     generation_config = os.path.join(source_dir, "generation_config.json")
     if os.path.exists(generation_config):
@@ -622,6 +660,8 @@ def save_config_and_tokenizer(source_dir: str, target_dir: str, dtype: torch.dty
 
 
 def check_device(device: str) -> None:
+    import torch
+
     try:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:
@@ -631,6 +671,8 @@ def check_device(device: str) -> None:
 def run_test_inference(model_dir: str, device: str, dtype: torch.dtype) -> str:
     """Greedy 100-token completion of the Alpaca no-input prompt by the model in `model_dir`,
     printed and returned: a quick look that the recovered model talks sense."""
+    import transformers
+
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
     prompt = utils.format_prompt(TEST_INSTRUCTION)
@@ -650,7 +692,6 @@ def run_test_inference(model_dir: str, device: str, dtype: torch.dtype) -> str:
 # The three commands
 
 
-@torch.inference_mode()
 def make_diff(
     path_raw: str,
     path_tuned: str,
@@ -674,46 +715,50 @@ def make_diff(
     check_model_dir(path_raw, "--path_raw")
     check_model_dir(path_tuned, "--path_tuned")
     check_target(path_diff, overwrite, [path_raw, path_tuned])
-    raw, tuned, order, new_rows = pair_checkpoints(path_raw, path_tuned)
-    shapes = [tuned[name].shape for name in order]
-    raw_buffer, tuned_buffer, diff_buffer = (reusable_buffer(shapes, torch.float32) for _ in range(3))
-    with output_dir(path_diff, overwrite) as out:
-        layout = {name: (tuned[name].shape, torch.float32) for name in order}
-        entries, sums, largest_difference = {}, {}, 0.0
-        with ShardedSafetensorsWriter(out, layout, int(max_shard_size_gb * 1e9)) as writer, one_torch_thread():
-            for name in tqdm(order, desc="make_diff", unit="tensor"):
-                raw_tensor, tuned_tensor, diff = (
-                    shaped(b, tuned[name].shape) for b in (raw_buffer, tuned_buffer, diff_buffer)
-                )
-                load_into(raw_tensor, raw[name], name)
-                if name in new_rows:
-                    init_new_rows_to_mean(raw_tensor, new_rows[name])
-                load_into(tuned_tensor, tuned[name], name)
-                torch.sub(tuned_tensor, raw_tensor, out=diff)
-                writer.write(name, diff)
-                # What recover will compute, raw + diff, which can differ from tuned in the last
-                # bit: the manifest holds its hash, so that recover can check it bit for bit.
-                recovered = raw_tensor.add_(diff)
-                entries[name] = {"shape": list(recovered.shape), "sha256": sha256_hex(recovered)}
-                sums[name] = recovered.sum()
-                largest_difference = max(largest_difference, tuned_tensor.sub_(recovered).abs_().max().item())
-        manifest = {
-            "about": "sha256 of every float32 tensor as `weight_diff.py recover` computes it (raw + diff)",
-            "dtype": "float32",
-            "naive_sum": naive_sum(sums, order),
-            "new_embedding_rows": dict(sorted(new_rows.items())),
-            "max_abs_difference_from_tuned": largest_difference,
-            "tensors": entries,
-        }
-        utils.jdump(manifest, os.path.join(out, MANIFEST_NAME), indent=2)
-        save_config_and_tokenizer(path_tuned, out, torch.float32)
+    import torch  # only now that the arguments are checked
+
+    import tokens
+
+    with torch.inference_mode():
+        raw, tuned, order, new_rows = pair_checkpoints(path_raw, path_tuned)
+        shapes = [tuned[name].shape for name in order]
+        raw_buffer, tuned_buffer, diff_buffer = (reusable_buffer(shapes, torch.float32) for _ in range(3))
+        with output_dir(path_diff, overwrite) as out:
+            layout = {name: (tuned[name].shape, torch.float32) for name in order}
+            entries, sums, largest_difference = {}, {}, 0.0
+            with ShardedSafetensorsWriter(out, layout, int(max_shard_size_gb * 1e9)) as writer, one_torch_thread():
+                for name in tqdm(order, desc="make_diff", unit="tensor"):
+                    raw_tensor, tuned_tensor, diff = (
+                        shaped(b, tuned[name].shape) for b in (raw_buffer, tuned_buffer, diff_buffer)
+                    )
+                    load_into(raw_tensor, raw[name], name)
+                    if name in new_rows:
+                        tokens.init_new_rows_to_mean(raw_tensor, new_rows[name])
+                    load_into(tuned_tensor, tuned[name], name)
+                    torch.sub(tuned_tensor, raw_tensor, out=diff)
+                    writer.write(name, diff)
+                    # What recover will compute, raw + diff, which can differ from tuned in the last
+                    # bit: the manifest holds its hash, so that recover can check it bit for bit.
+                    recovered = raw_tensor.add_(diff)
+                    entries[name] = {"shape": list(recovered.shape), "sha256": sha256_hex(recovered)}
+                    sums[name] = recovered.sum()
+                    largest_difference = max(largest_difference, tuned_tensor.sub_(recovered).abs_().max().item())
+            manifest = {
+                "about": "sha256 of every float32 tensor as `weight_diff.py recover` computes it (raw + diff)",
+                "dtype": "float32",
+                "naive_sum": naive_sum(sums, order),
+                "new_embedding_rows": dict(sorted(new_rows.items())),
+                "max_abs_difference_from_tuned": largest_difference,
+                "tensors": entries,
+            }
+            utils.jdump(manifest, os.path.join(out, MANIFEST_NAME), indent=2)
+            save_config_and_tokenizer(path_tuned, out, torch.float32)
     print(
         f"wrote {path_diff}: {len(order)} tensors; naive sum of the recovered weights {manifest['naive_sum']:.4f}; "
         f"largest difference between recovered and tuned weights {largest_difference:.3g}"
     )
 
 
-@torch.inference_mode()
 def recover(
     path_raw: str,
     path_diff: str,
@@ -753,7 +798,6 @@ def recover(
     """
     if output_dtype not in OUTPUT_DTYPES:
         raise UsageError(f"--output_dtype {output_dtype}: choose one of {', '.join(OUTPUT_DTYPES)}")
-    dtype = OUTPUT_DTYPES[output_dtype]
     check_model_dir(path_raw, "--path_raw")
     check_model_dir(path_diff, "--path_diff")
     refuse_diff_as_raw(path_raw, path_diff)
@@ -761,57 +805,64 @@ def recover(
         check_device(device)
     if path_tuned is not None:
         check_target(path_tuned, overwrite, [path_raw, path_diff])
-    raw, diff, order, new_rows = pair_checkpoints(path_raw, path_diff)
-    # What each check found, for the summary at the end.
-    checks = {}
-    manifest = read_manifest(path_diff) if has_manifest(path_diff) else None
-    if manifest is not None:
-        check_manifest_layout(manifest, diff, set(order), path_diff)
-    else:
-        # The 2023 Alpaca-7B diff has no manifest; any other diff without one may be no diff at all.
-        checks["manifest"] = (
-            f"skipped: no {MANIFEST_NAME} in --path_diff {path_diff} (make_diff writes one; the 2023 Alpaca-7B "
-            "diff has none. If it is the base model, --path_raw and --path_diff are swapped)"
-        )
-        print(f"manifest check: {checks['manifest']}")
-    shapes = [diff[name].shape for name in order]
-    buffer = reusable_buffer(shapes, torch.float32)
-    cast_buffer = reusable_buffer(shapes, dtype) if dtype != torch.float32 else None
-    with output_dir(path_tuned, overwrite) as out:
-        layout = {name: (diff[name].shape, dtype) for name in order}
-        sums = {}
-        with ShardedSafetensorsWriter(out, layout, int(max_shard_size_gb * 1e9)) as writer, one_torch_thread():
-            for name in tqdm(order, desc="recover", unit="tensor"):
-                # raw + diff in one buffer, the diff added a block at a time: one tensor in memory.
-                # (The original computed diff + raw; float addition is commutative, bit for bit.)
-                recovered = shaped(buffer, diff[name].shape)
-                load_into(recovered, raw[name], name)
-                if name in new_rows:
-                    init_new_rows_to_mean(recovered, new_rows[name])
-                add_stored(recovered, diff[name], name)
-                if manifest is not None and sha256_hex(recovered) != manifest["tensors"][name]["sha256"]:
-                    raise UsageError(
-                        f"recovered tensor {name} does not match {manifest['path']}: the raw model at "
-                        f"{path_raw} is not the one the diff was made from, or a file is corrupt"
-                    )
-                sums[name] = recovered.sum()
-                writer.write(
-                    name, recovered if cast_buffer is None else shaped(cast_buffer, recovered.shape).copy_(recovered)
-                )
+    import torch  # only now that the arguments are checked
+
+    import tokens
+
+    dtype = getattr(torch, output_dtype)
+    with torch.inference_mode():
+        raw, diff, order, new_rows = pair_checkpoints(path_raw, path_diff)
+        # What each check found, for the summary at the end.
+        checks = {}
+        manifest = read_manifest(path_diff) if has_manifest(path_diff) else None
         if manifest is not None:
-            checks["manifest"] = f"passed (all {len(order)} recovered tensors match {manifest['path']}, sha256)"
-            print(f"exact integrity check: all {len(order)} recovered tensors match {manifest['path']} (sha256)")
-        total = naive_sum(sums, order)
-        if check_integrity_naively:
-            expected = expected_naive_sum(expected_sum, manifest, path_diff)
-            checks["naive sum"] = check_naive_sum(total, expected, path_raw)
+            check_manifest_layout(manifest, diff, set(order), path_diff)
         else:
-            checks["naive sum"] = "skipped (--check_integrity_naively False)"
-            print(f"naive integrity check: {checks['naive sum']}; the sum of all recovered weights is {total:.4f}")
-        save_config_and_tokenizer(path_diff, out, dtype)
-        if test_inference:
-            run_test_inference(out, device, dtype)
-        checks["test inference"] = f"ran on {device}" if test_inference else "skipped (--test_inference False)"
+            # The 2023 Alpaca-7B diff has no manifest; any other diff without one may be no diff at all.
+            checks["manifest"] = (
+                f"skipped: no {MANIFEST_NAME} in --path_diff {path_diff} (make_diff writes one; the 2023 Alpaca-7B "
+                "diff has none. If it is the base model, --path_raw and --path_diff are swapped)"
+            )
+            print(f"manifest check: {checks['manifest']}")
+        shapes = [diff[name].shape for name in order]
+        buffer = reusable_buffer(shapes, torch.float32)
+        cast_buffer = reusable_buffer(shapes, dtype) if dtype != torch.float32 else None
+        with output_dir(path_tuned, overwrite) as out:
+            layout = {name: (diff[name].shape, dtype) for name in order}
+            sums = {}
+            with ShardedSafetensorsWriter(out, layout, int(max_shard_size_gb * 1e9)) as writer, one_torch_thread():
+                for name in tqdm(order, desc="recover", unit="tensor"):
+                    # raw + diff in one buffer, the diff added a block at a time: one tensor in memory.
+                    # (The original computed diff + raw; float addition is commutative, bit for bit.)
+                    recovered = shaped(buffer, diff[name].shape)
+                    load_into(recovered, raw[name], name)
+                    if name in new_rows:
+                        tokens.init_new_rows_to_mean(recovered, new_rows[name])
+                    add_stored(recovered, diff[name], name)
+                    if manifest is not None and sha256_hex(recovered) != manifest["tensors"][name]["sha256"]:
+                        raise UsageError(
+                            f"recovered tensor {name} does not match {manifest['path']}: the raw model at "
+                            f"{path_raw} is not the one the diff was made from, or a file is corrupt"
+                        )
+                    sums[name] = recovered.sum()
+                    writer.write(
+                        name,
+                        recovered if cast_buffer is None else shaped(cast_buffer, recovered.shape).copy_(recovered),
+                    )
+            if manifest is not None:
+                checks["manifest"] = f"passed (all {len(order)} recovered tensors match {manifest['path']}, sha256)"
+                print(f"exact integrity check: all {len(order)} recovered tensors match {manifest['path']} (sha256)")
+            total = naive_sum(sums, order)
+            if check_integrity_naively:
+                expected = expected_naive_sum(expected_sum, manifest, path_diff)
+                checks["naive sum"] = check_naive_sum(total, expected, path_raw)
+            else:
+                checks["naive sum"] = "skipped (--check_integrity_naively False)"
+                print(f"naive integrity check: {checks['naive sum']}; the sum of all recovered weights is {total:.4f}")
+            save_config_and_tokenizer(path_diff, out, dtype)
+            if test_inference:
+                run_test_inference(out, device, dtype)
+            checks["test inference"] = f"ran on {device}" if test_inference else "skipped (--test_inference False)"
     if path_tuned is not None:
         print(f"wrote {path_tuned}: {len(order)} tensors in {output_dtype}")
     print("checks:\n" + "\n".join(f"  {check}: {outcome}" for check, outcome in checks.items()))
@@ -824,6 +875,8 @@ def verify(path_tuned: str, manifest: str) -> None:
         path_tuned: the recovered model directory (saved in float32).
         manifest: the manifest file, or the diff directory holding weight_diff_manifest.json.
     """
+    import torch
+
     expected = read_manifest(manifest)
     tensors = index_checkpoint(path_tuned)
     names = {name for name in tensors if name in expected["tensors"] or not name.endswith(RECOMPUTED_BUFFER_SUFFIX)}

@@ -209,7 +209,7 @@ def test_round_trip_without_pad_row(dirs, tmp_path):
 def test_pad_row_is_the_mean_of_the_raw_rows(dirs):
     embedding = load_weights(dirs["raw"])["model.embed_tokens.weight"]
     grown = torch.cat([embedding, torch.full((1, embedding.shape[1]), float("nan"))])
-    weight_diff.init_new_rows_to_mean(grown, 1)
+    tokens.init_new_rows_to_mean(grown, 1)
     independent = np.asarray(embedding, dtype=np.float64).mean(axis=0)
     np.testing.assert_allclose(grown[-1].numpy(), independent, rtol=0, atol=1e-7)
     assert bits(grown[:-1]) == bits(embedding)
