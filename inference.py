@@ -26,16 +26,19 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fire
-import torch
-import transformers
 from tqdm import tqdm
 
-import tokens
 import utils
 from utils import UsageError, format_prompt, jdump
+
+# torch and transformers take seconds to import, so they are imported where they are used: a
+# mistyped command line or model path is then reported at once.
+if TYPE_CHECKING:
+    import torch
+    import transformers
 
 # ---------------------------------------------------------------------------------------------
 # Loading
@@ -46,6 +49,11 @@ def load_model_and_tokenizer(
 ) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
     """The model (with its LoRA adapter merged when `lora_weights` is given) and its tokenizer,
     ready for left-padded batched generation."""
+    import torch
+    import transformers
+
+    import tokens
+
     # train.py saves the tokenizer beside the adapter, with the pad token it may have added.
     tokenizer_dir = lora_weights if lora_weights and _has_tokenizer(lora_weights) else model_name_or_path
     tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir, padding_side="left")
@@ -67,7 +75,45 @@ def load_model_and_tokenizer(
 
 
 def _has_tokenizer(directory: str) -> bool:
-    return any(os.path.exists(os.path.join(directory, name)) for name in ("tokenizer.json", "tokenizer.model"))
+    return any(os.path.exists(os.path.join(directory, name)) for name in utils.TOKENIZER_FILES)
+
+
+def check_sources(model_name_or_path: str, lora_weights: str | None) -> None:
+    """Fail at once, in one line, for a model or adapter that cannot be loaded (see
+    utils.check_model_source), rather than with a long traceback after the slow loading began."""
+    if _is_adapter(model_name_or_path) and not os.path.exists(os.path.join(model_name_or_path, "config.json")):
+        raise UsageError(
+            f"--model_name_or_path {model_name_or_path} holds a LoRA adapter: pass it as --lora_weights, "
+            "and the model it was trained from as --model_name_or_path"
+        )
+    # train.py saves the tokenizer beside the adapter; the base model then needs none.
+    adapter_has_tokenizer = lora_weights is not None and _has_tokenizer(lora_weights)
+    utils.check_model_source(model_name_or_path, "--model_name_or_path", tokenizer=not adapter_has_tokenizer)
+    if lora_weights is None:
+        return
+    if not os.path.isdir(lora_weights):  # no such directory, or a hub name
+        utils.check_model_source(lora_weights, "--lora_weights", tokenizer=False)
+    elif not _is_adapter(lora_weights):
+        raise UsageError(
+            f"--lora_weights {lora_weights}: the directory has no adapter_config.json, so it is no LoRA adapter "
+            "(train.py --use_lora writes one)"
+        )
+
+
+def _is_adapter(directory: str) -> bool:
+    return os.path.exists(os.path.join(directory, "adapter_config.json"))
+
+
+def load_or_explain(
+    model_name_or_path: str, lora_weights: str | None, dtype: str
+) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
+    """`load_model_and_tokenizer` for the command line: a model that cannot be loaded (after
+    `check_sources` found nothing wrong: from the hub, mostly) is a one-line UsageError."""
+    try:
+        return load_model_and_tokenizer(model_name_or_path, lora_weights, dtype)
+    except OSError as error:  # from the hub: a name it does not have, a gated model, a lost connection
+        source = model_name_or_path + (f" with --lora_weights {lora_weights}" if lora_weights else "")
+        raise UsageError(f"cannot load {source}: {' '.join(str(error).split())}") from None
 
 
 def context_length(model: transformers.PreTrainedModel) -> int:
@@ -187,14 +233,24 @@ def end_token_ids(model, tokenizer) -> tuple[set[int], set[int]]:
 
 
 def complete_batch(
-    model, tokenizer, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str] = (), **decoding
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    stop: Sequence[str] = (),
+    cancel: threading.Event | None = None,
+    **decoding,
 ) -> list[Generation]:
     """Complete several raw prompts at once, left-padded so that every prompt ends at the same
-    position and the new tokens line up."""
+    position and the new tokens line up. Setting `cancel` stops the generation at its next token."""
     encoded = [tokenizer(prompt)["input_ids"] for prompt in prompts]
     batch = tokenizer.pad({"input_ids": encoded}, padding=True, return_tensors="pt").to(model.device)
     if stop:  # let generate stop each sequence at its stop string
         decoding.update(stop_strings=list(stop), tokenizer=tokenizer)
+    if cancel is not None:
+        import transformers
+
+        decoding.update(stopping_criteria=transformers.StoppingCriteriaList([WhenCancelled(cancel)]))
     output = model.generate(**batch, max_new_tokens=max_new_tokens, **decoding)
     end_ids, eos_ids = end_token_ids(model, tokenizer)
     completions = []
@@ -229,29 +285,43 @@ class TokenQueue:
 
 
 class WhenCancelled:
-    """A stopping criterion (any callable of this signature is one) that stops generation once the
-    consumer has what it needs (a stop string, a closed connection)."""
+    """A stopping criterion (any callable of this signature is one) that stops generation once one
+    of its events is set: the consumer has what it needs (a stop string, a closed connection, a
+    Ctrl-C), or the server is stopping."""
 
-    def __init__(self, event: threading.Event):
-        self.event = event
+    def __init__(self, *events: threading.Event):
+        self.events = events
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        import torch
+
+        cancelled = any(event.is_set() for event in self.events)
+        return torch.full((input_ids.shape[0],), cancelled, dtype=torch.bool, device=input_ids.device)
 
 
 def stream_completion(
-    model, tokenizer, prompt: str, max_new_tokens: int, stop: Sequence[str] = (), **decoding
+    model,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    stop: Sequence[str] = (),
+    cancel: threading.Event | None = None,
+    **decoding,
 ) -> Iterator[tuple[str, str | None]]:
     """Complete one raw prompt, yielding `(new_text, None)` as tokens arrive and finally
     `(last_text, finish_reason)`: the pieces add up to `complete_batch`'s text for the same
-    prompt. Closing the iterator early stops the generation. Beam search knows its best beam only
-    at the end, so with `num_beams` above 1 the text comes in one piece."""
+    prompt. Closing the iterator early, or setting `cancel`, stops the generation. Beam search
+    knows its best beam only at the end, so with `num_beams` above 1 the text comes in one piece."""
     if decoding.get("num_beams", 1) > 1:
-        completion = complete_batch(model, tokenizer, [prompt], max_new_tokens, stop, **decoding)[0]
+        completion = complete_batch(model, tokenizer, [prompt], max_new_tokens, stop, cancel, **decoding)[0]
         yield completion.text, completion.finish_reason
         return
+    import torch
+    import transformers
+
     prompt_ids = tokenizer(prompt)["input_ids"]
     streamer, cancelled, errors = TokenQueue(), threading.Event(), []
+    cancel_events = [cancelled] if cancel is None else [cancelled, cancel]
 
     def run() -> None:
         try:
@@ -260,7 +330,7 @@ def stream_completion(
                 attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=model.device),
                 max_new_tokens=max_new_tokens,
                 streamer=streamer,
-                stopping_criteria=transformers.StoppingCriteriaList([WhenCancelled(cancelled)]),
+                stopping_criteria=transformers.StoppingCriteriaList([WhenCancelled(*cancel_events)]),
                 **decoding,
             )
         except BaseException as error:  # re-raised in the consumer's thread
@@ -309,20 +379,37 @@ def print_response(model, tokenizer, instruction: str, input: str | None, max_ne
 
 def interactive(model, tokenizer, max_new_tokens: int, **decoding) -> None:
     """Read an instruction and an optional input from stdin, respond, repeat until end of file.
+    Ctrl-C during a response stops it; Ctrl-C at a prompt ends the loop, as end of file does.
     The prompts go to stderr so that stdout holds only the responses."""
-    while True:
-        sys.stderr.write("Instruction: ")
-        sys.stderr.flush()
-        instruction = sys.stdin.readline()
-        if not instruction:
-            break
-        if not instruction.strip():
-            continue
-        sys.stderr.write("Input (optional, Enter to skip): ")
-        sys.stderr.flush()
-        input = sys.stdin.readline().strip()
-        print_response(model, tokenizer, instruction.strip(), input, max_new_tokens, **decoding)
+    while (request := read_request()) is not None:
+        try:
+            print_response(model, tokenizer, *request, max_new_tokens, **decoding)
+        except KeyboardInterrupt:
+            print(flush=True)  # end the response's line
+            sys.stderr.write("(stopped)\n")
     sys.stderr.write("\n")
+
+
+def read_request() -> tuple[str, str] | None:
+    """The next instruction and its input (maybe empty) from stdin, asked for on stderr; None
+    at end of file or Ctrl-C."""
+    try:
+        instruction = ""
+        while not instruction:
+            instruction = ask("Instruction: ")
+            if instruction is None:
+                return None
+        return instruction, ask("Input (optional, Enter to skip): ") or ""
+    except KeyboardInterrupt:
+        return None
+
+
+def ask(prompt: str) -> str | None:
+    """A line of stdin, stripped, after writing `prompt` to stderr; None at end of file."""
+    sys.stderr.write(prompt)
+    sys.stderr.flush()
+    line = sys.stdin.readline()
+    return line.strip() if line else None
 
 
 def read_instructions(path: str, required: tuple[str, ...] = ("instruction",)) -> list[dict]:
@@ -380,26 +467,35 @@ def run_batch(
 ) -> None:
     """Respond to every record not `done`, writing all responses as `{instruction, input, output,
     generator}` records (AlpacaEval's model_outputs.json shape, other fields kept) in input order
-    to `output_file` after each batch."""
+    to `output_file` after each batch. Ctrl-C exits (status 130) with what is done written."""
     todo = [index for index in range(len(records)) if index not in done]
     # Longest prompts first: similar lengths share a batch (less padding), and a batch too big
     # for memory fails at once rather than at the end.
     prompts = {index: format_prompt(records[index]["instruction"], records[index].get("input")) for index in todo}
     todo.sort(key=lambda index: -len(prompts[index]))
-    with tqdm(total=len(todo), desc="generating", unit="record") as progress:
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            completions = complete_batch(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens, **decoding)
-            for index, completion in zip(chunk, completions):
-                record = records[index]
-                done[index] = {
-                    **record,
-                    "input": record.get("input") or "",
-                    "output": completion.text.strip(),
-                    "generator": generator,
-                }
-            write_outputs(done, output_file)
-            progress.update(len(chunk))
+    try:
+        with tqdm(total=len(todo), desc="generating", unit="record") as progress:
+            for start in range(0, len(todo), batch_size):
+                chunk = todo[start : start + batch_size]
+                completions = complete_batch(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens, **decoding)
+                for index, completion in zip(chunk, completions):
+                    record = records[index]
+                    done[index] = {
+                        **record,
+                        "input": record.get("input") or "",
+                        "output": completion.text.strip(),
+                        "generator": generator,
+                    }
+                write_outputs(done, output_file)
+                progress.update(len(chunk))
+    except KeyboardInterrupt:
+        write_outputs(done, output_file)  # Ctrl-C may have come between a batch and its writing
+        print(
+            f"inference.py: interrupted; {len(done)} of {len(records)} responses are saved in {output_file}: "
+            "run the same command again to generate the rest",
+            file=sys.stderr,
+        )
+        sys.exit(130)  # as utils.run_main exits after a Ctrl-C, with this line instead of its own
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,8 +517,10 @@ label { display: block; margin-top: .8em; }
 <h1>Alpaca: <span id="model"></span></h1>
 <label>Instruction <textarea id="instruction" rows="3"></textarea></label>
 <label>Input (optional) <textarea id="input" rows="2"></textarea></label>
-<label>Temperature <input id="temperature" type="number" min="0" max="2" step="0.1" value="0.7"></label>
-<label>Max tokens <input id="max_tokens" type="number" min="1" step="1" value="256"></label>
+<label>Temperature (0 is greedy) <input id="temperature" type="number" min="0" max="2" step="0.1"
+  value="{{temperature}}"></label>
+<label>Top p <input id="top_p" type="number" min="0" max="1" step="0.05" value="{{top_p}}"></label>
+<label>Max tokens <input id="max_tokens" type="number" min="1" step="1" value="{{max_tokens}}"></label>
 <p><button id="generate">Generate</button></p>
 <div id="response" data-state="idle"></div>
 <script>
@@ -436,7 +534,8 @@ $("generate").onclick = async () => {
       method: "POST", headers: {"Content-Type": "application/json"},
       body: JSON.stringify({
         messages: [{role: "user", content: $("instruction").value}], input: $("input").value,
-        temperature: Number($("temperature").value), max_tokens: Number($("max_tokens").value), stream: true}),
+        temperature: Number($("temperature").value), top_p: Number($("top_p").value),
+        max_tokens: Number($("max_tokens").value), stream: true}),
     });
     if (!reply.ok) throw new Error((await reply.json()).error.message);
     const reader = reply.body.getReader(), decoder = new TextDecoder();
@@ -464,6 +563,14 @@ $("generate").onclick = async () => {
 </script>
 </body></html>
 """
+
+
+def render_page(**fields: float) -> bytes:
+    """The web page with its fields (`{{name}}` in PAGE) starting at the given values."""
+    page = PAGE
+    for name, value in fields.items():
+        page = page.replace("{{" + name + "}}", f"{value:g}")
+    return page.encode()
 
 
 class RequestError(Exception):
@@ -519,7 +626,20 @@ class InferenceServer(ThreadingHTTPServer):
         super().__init__(address, RequestHandler)
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
         self.max_new_tokens, self.batch_size, self.defaults = max_new_tokens, batch_size, defaults
+        # The page's fields start at the defaults of the API, this server's flags.
+        self.page = render_page(temperature=defaults["temperature"], top_p=defaults["top_p"], max_tokens=max_new_tokens)
         self.lock = threading.Lock()
+        self.lock_holder: threading.Thread | None = None  # the thread of the last request that took the lock
+        self.stopping = threading.Event()
+
+    def stop_generating(self) -> None:
+        """Stop the generation in flight at its next token and wait until its request's thread has
+        ended, for a thread that frees tensors while Python exits aborts the process. Requests
+        waiting for the lock are not started."""
+        self.stopping.set()
+        self.lock.acquire()
+        if self.lock_holder is not None:
+            self.lock_holder.join()
 
 
 class RequestHandler(BaseHTTPRequestHandler):
@@ -559,7 +679,7 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         if self.path == "/":
-            self.send_body(HTTPStatus.OK, "text/html; charset=utf-8", PAGE.encode())
+            self.send_body(HTTPStatus.OK, "text/html; charset=utf-8", self.server.page)
         elif self.path == "/v1/models":
             self.send_json(
                 {
@@ -673,7 +793,10 @@ class RequestHandler(BaseHTTPRequestHandler):
             "model": self.server.model_id,
         }
         with self.server.lock:
+            self.server.lock_holder = threading.current_thread()
             if sampling["seed"] is not None:  # any integer, as OpenAI takes; numpy's seeds are 32-bit
+                import transformers
+
                 transformers.set_seed(sampling["seed"] % 2**32)
             if sampling["stream"]:
                 self.stream(kind, header, expanded, max_tokens, sampling)
@@ -686,6 +809,7 @@ class RequestHandler(BaseHTTPRequestHandler):
                     expanded[start : start + self.server.batch_size],
                     max_tokens,
                     sampling["stop"],
+                    self.server.stopping,
                     **sampling["decoding"],
                 )
         if kind == "chat.completion":
@@ -738,6 +862,7 @@ class RequestHandler(BaseHTTPRequestHandler):
                     prompt,
                     max_tokens,
                     sampling["stop"],
+                    self.server.stopping,
                     **sampling["decoding"],
                 )
                 # Closing the generation stops it at once when the client has gone away.
@@ -765,21 +890,21 @@ class RequestHandler(BaseHTTPRequestHandler):
 def run_server(
     model, tokenizer, model_id: str, host: str, port: int, max_new_tokens: int, batch_size: int, defaults: dict
 ) -> None:
-    """Serve until interrupted; `defaults` are the decoding flags requests may override."""
+    """Serve until Ctrl-C; `defaults` are the decoding flags requests may override."""
     try:
         server = InferenceServer((host, port), model, tokenizer, model_id, max_new_tokens, batch_size, defaults)
     except OSError as error:
         raise UsageError(f"cannot listen on {host}:{port}: {error}") from None
-    print(
-        f"serving {model_id} on http://{host}:{server.server_port}/ (OpenAI API at "
-        f"http://{host}:{server.server_port}/v1)",
-        file=sys.stderr,
-        flush=True,
-    )
     try:
+        print(
+            f"serving {model_id} on http://{host}:{server.server_port}/ (OpenAI API at "
+            f"http://{host}:{server.server_port}/v1)",
+            file=sys.stderr,
+            flush=True,
+        )
         server.serve_forever()
     except KeyboardInterrupt:
-        pass
+        server.stop_generating()
     finally:
         server.server_close()
 
@@ -830,7 +955,8 @@ def main(
     server. With none of them: read instructions from stdin until end of file.
 
     Args:
-        model_name_or_path: a checkpoint directory (train.py's --output_dir, or a recovered model).
+        model_name_or_path: a checkpoint directory (train.py's --output_dir, or a recovered model),
+            or a Hugging Face hub name.
         instruction: the instruction to respond to.
         input: optional input (context) for the instruction.
         lora_weights: a LoRA adapter directory (train.py --use_lora) to apply to the model.
@@ -866,9 +992,12 @@ def main(
         if len(done) == len(records):
             write_outputs(done, output_file)
             return
+    check_sources(model_name_or_path, lora_weights)
     if seed is not None:
+        import transformers
+
         transformers.set_seed(seed)
-    model, tokenizer = load_model_and_tokenizer(model_name_or_path, lora_weights, dtype)
+    model, tokenizer = load_or_explain(model_name_or_path, lora_weights, dtype)
     decoding = decoding_kwargs(temperature, top_p, top_k, num_beams, repetition_penalty)
     if serve:
         defaults = dict(

@@ -1,19 +1,24 @@
-"""inference.py on a tiny random LLaMA: the command line (one-shot, interactive, batch, LoRA),
-and the HTTP server through the real openai client, raw HTTP and a real headless browser.
+"""inference.py on a tiny random LLaMA: the command line (one-shot, interactive, batch, LoRA,
+unusable models, Ctrl-C), and the HTTP server through the real openai client, raw HTTP and a
+real headless browser.
 
-Budget: about 1 minute on 2 CPU cores (about a dozen subprocesses that load the tiny model, one
-train.py run, a headless Chromium)."""
+Budget: about 2 minutes on 2 CPU cores (about twenty subprocesses, most of which load the tiny
+model, one train.py run, a headless Chromium)."""
 
+import html.parser
 import http.client
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -32,16 +37,34 @@ INSTRUCTIONS = [
 ]
 
 
-def run_inference(*args: str, stdin: bytes | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """inference.py in a subprocess; stdout as UTF-8 text without newline translation (a random
-    model may print a carriage return)."""
+def run_inference(*args, stdin: bytes | None = None, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    """inference.py in a subprocess (`kwargs` go to subprocess.run); stdout as UTF-8 text without
+    newline translation (a random model may print a carriage return)."""
     result = subprocess.run(
-        [sys.executable, str(ROOT / "inference.py"), *map(str, args)], input=stdin, capture_output=True, timeout=120
+        [sys.executable, str(ROOT / "inference.py"), *map(str, args)],
+        input=stdin,
+        capture_output=True,
+        timeout=120,
+        **kwargs,
     )
     if check:
         assert result.returncode == 0, result.stderr.decode(errors="replace")[-3000:]
     result.stdout = result.stdout.decode("utf-8")
     return result
+
+
+def start_inference(*args, **kwargs) -> subprocess.Popen:
+    """inference.py started in a subprocess; `kwargs` go to subprocess.Popen."""
+    return subprocess.Popen([sys.executable, str(ROOT / "inference.py"), *map(str, args)], **kwargs)
+
+
+def the_one_error_line(result: subprocess.CompletedProcess) -> str:
+    """The line a failed run printed, checked to be all it printed."""
+    stderr = result.stderr.decode()
+    assert result.returncode == 1 and "Traceback" not in stderr, stderr[-3000:]
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("inference.py: error: "), stderr[-3000:]
+    return lines[0]
 
 
 def reference_response(model_dir, instruction: str, input: str = "", max_new_tokens: int = 24) -> str:
@@ -336,35 +359,151 @@ def test_batch_with_nothing_to_generate_writes_the_output_without_loading_the_mo
     assert jload(output_file) == done and "1 of 1 records already" in result.stderr.decode()
 
 
+@pytest.mark.parametrize(
+    "files, args, message",
+    [
+        ([], ["--model_name_or_path", "./nope"], "--model_name_or_path ./nope: no such directory"),
+        (
+            [],
+            ["--model_name_or_path", "demo_output/tunedd"],
+            "--model_name_or_path demo_output/tunedd: no such local directory, and the Hugging Face hub",
+        ),
+        (
+            ["tuned/config.json"],
+            ["--model_name_or_path", "tuned"],
+            "--model_name_or_path tuned: the directory has no weights (model.safetensors or pytorch_model.bin, "
+            "or their index), no tokenizer",
+        ),
+        (
+            ["adapter/adapter_config.json", "adapter/adapter_model.safetensors"],
+            ["--model_name_or_path", "adapter"],
+            "--model_name_or_path adapter holds a LoRA adapter: pass it as --lora_weights",
+        ),
+        (
+            ["base/config.json", "base/model.safetensors", "base/tokenizer.json", "adapter/adapter_model.safetensors"],
+            ["--model_name_or_path", "base", "--lora_weights", "adapter"],
+            "--lora_weights adapter: the directory has no adapter_config.json",
+        ),
+    ],
+    ids=["missing-directory", "typo-read-as-a-hub-name", "no-weights-nor-tokenizer", "adapter-as-model", "no-adapter"],
+)
+def test_an_unusable_model_is_one_line_at_once(tmp_path, files, args, message):
+    # The files are empty: the check looks at which files there are, before anything is loaded.
+    for name in files:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).touch()
+    started = time.perf_counter()
+    result = run_inference(
+        *args, "--instruction", "Hi.", check=False, cwd=tmp_path, env=dict(os.environ, HF_HUB_OFFLINE="1")
+    )
+    assert the_one_error_line(result).startswith(f"inference.py: error: {message}")
+    assert time.perf_counter() - started < 5  # not after importing torch, nor after the hub's retries
+
+
+@pytest.mark.slow
+def test_a_model_the_hub_does_not_give_is_one_line(tmp_path):
+    class NotFound(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    hub = ThreadingHTTPServer(("127.0.0.1", 0), NotFound)  # a hub that can be reached, and has nothing
+    threading.Thread(target=hub.serve_forever, daemon=True).start()
+    env = {name: value for name, value in os.environ.items() if name not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{hub.server_port}", HF_HOME=str(tmp_path / "hf"))
+    try:
+        result = run_inference(
+            "--model_name_or_path", "someone/no-such-model", "--instruction", "Hi.", check=False, env=env
+        )
+    finally:
+        hub.shutdown()
+    assert the_one_error_line(result).startswith("inference.py: error: cannot load someone/no-such-model: ")
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_an_answer_and_the_loop_goes_on(tiny_llama_dir):
+    # The tiny model answers this instruction until --max_new_tokens: long enough to interrupt.
+    # (Its answer is bytes that are no UTF-8, which only inference.py's decoder turns into the
+    # text that it prints.)
+    instruction = "Write a response."
+    model, tokenizer = load_model_and_tokenizer(str(tiny_llama_dir))
+    full = complete_batch(model, tokenizer, [format_prompt(instruction)], 200)[0].text.strip()
+    process = start_inference(
+        "--model_name_or_path",
+        tiny_llama_dir,
+        "--max_new_tokens",
+        200,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    process.stdin.write(f"{instruction}\n\n".encode())
+    process.stdin.flush()
+    first = process.stdout.read(1)  # the answer is being written
+    process.send_signal(signal.SIGINT)
+    # The same instruction again, answered in full; then end of file.
+    stdout, stderr = process.communicate(f"{instruction}\n\n".encode(), timeout=120)
+    stdout, stderr = (first + stdout).decode(), stderr.decode()
+    assert process.returncode == 0 and "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.count("(stopped)") == 1 and stderr.count("Instruction: ") == 3
+    assert stdout.endswith("\n" + full + "\n")
+    stopped = stdout[: -len(full) - 2]
+    assert stopped and full.startswith(stopped) and len(stopped) < len(full)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_batch_that_the_same_command_resumes(tiny_llama_dir, tmp_path):
+    input_file, output_file = tmp_path / "eval.json", tmp_path / "outputs.json"
+    jdump([{"instruction": "Write a response."}] * 2, input_file)  # each one runs to --max_new_tokens
+    args = ["--model_name_or_path", tiny_llama_dir, "--input_file", input_file, "--output_file", output_file]
+    args += ["--batch_size", 1, "--max_new_tokens", 150]
+    process = start_inference(*args, stderr=subprocess.PIPE, text=True)
+    while not output_file.exists():  # written after the first batch
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    line = (
+        f"inference.py: interrupted; 1 of 2 responses are saved in {output_file}: "
+        "run the same command again to generate the rest"
+    )
+    assert stderr.rstrip().endswith("\n" + line)
+    saved = jload(output_file)
+    assert len(saved) == 1
+
+    result = run_inference(*args)
+    assert "1 of 2 records already" in result.stderr.decode()
+    assert jload(output_file) == saved * 2  # the same greedy response: the saved one was whole
+
+
 # --- the server -------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def server(served_dir):
-    """inference.py --serve on a free port, in a subprocess; yields its base URL."""
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "inference.py"),
-            "--model_name_or_path",
-            str(served_dir),
-            "--serve",
-            "--port",
-            "0",
-            "--max_new_tokens",
-            "16",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
+def start_server(model_dir, *flags) -> tuple[subprocess.Popen, str]:
+    """inference.py --serve on a free port, in a subprocess, and its base URL once it serves."""
+    process = start_inference(
+        "--model_name_or_path", model_dir, "--serve", "--port", 0, *flags, stderr=subprocess.PIPE, text=True
     )
     lines = []
     for line in process.stderr:
         lines.append(line)
         if line.startswith("serving "):
-            url = line.split(" on ")[1].split()[0].rstrip("/")
-            break
-    else:
-        pytest.fail("the server did not start:\n" + "".join(lines)[-3000:])
+            return process, line.split(" on ")[1].split()[0].rstrip("/")
+    pytest.fail("the server did not start:\n" + "".join(lines)[-3000:])
+
+
+@pytest.fixture(scope="module")
+def server(served_dir):
+    """inference.py --serve on a free port, in a subprocess; yields its base URL. Its decoding
+    flags are the web page's initial values."""
+    process, url = start_server(served_dir, "--max_new_tokens", 16, "--temperature", 0, "--top_p", 0.95)
     # Keep reading stderr (request logs) so the server never blocks on a full pipe.
     drain = threading.Thread(target=lambda: [None for _ in process.stderr], daemon=True)
     drain.start()
@@ -458,6 +597,36 @@ def test_a_client_that_goes_away_stops_its_generation(server, client):
     started = time.perf_counter()
     client.completions.create(model="tiny", prompt="next", max_tokens=1)
     assert time.perf_counter() - started < 2.0
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_server_while_it_generates(tiny_llama_dir):
+    process, url = start_server(tiny_llama_dir)
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    body = json.dumps({"prompt": "The fox", "max_tokens": 4000, "stream": True})
+    connection.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+    reply = connection.getresponse()
+    assert reply.status == 200 and reply.readline().startswith(b"data: ")
+    process.send_signal(signal.SIGINT)
+    # The generation stops at its next token, and its stream ends properly before the server exits.
+    assert reply.read().endswith(b"data: [DONE]\n\n")
+    stderr = process.communicate(timeout=60)[1]
+    assert process.returncode == 0 and "Traceback" not in stderr and "terminate" not in stderr, stderr[-3000:]
+
+
+def test_the_page_starts_at_the_servers_defaults(server):
+    fields = {}
+
+    class Inputs(html.parser.HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            if tag == "input":
+                fields[dict(attrs)["id"]] = dict(attrs).get("value")
+
+    with urllib.request.urlopen(server + "/", timeout=60) as reply:
+        Inputs().feed(reply.read().decode())
+    # The server's --temperature, --top_p and --max_new_tokens, the API's defaults too.
+    assert fields == {"temperature": "0", "top_p": "0.95", "max_tokens": "16"}
 
 
 def test_generate_instruction_runs_against_the_server(server, tmp_path):
@@ -614,16 +783,20 @@ def test_web_page_in_a_headless_browser(server, served_dir):
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService("/usr/bin/chromedriver"))
     try:
         driver.get(server + "/")
+        # The fields start at the server's flags, which the response below is generated with.
+        fields = {
+            name: driver.find_element(By.ID, name).get_attribute("value")
+            for name in ("temperature", "top_p", "max_tokens")
+        }
+        assert fields == {"temperature": "0", "top_p": "0.95", "max_tokens": "16"}
         instruction, input = INSTRUCTIONS[3]
         driver.find_element(By.ID, "instruction").send_keys(instruction)
         driver.find_element(By.ID, "input").send_keys(input)
-        driver.find_element(By.ID, "temperature").clear()
-        driver.find_element(By.ID, "temperature").send_keys("0")
         driver.find_element(By.ID, "generate").click()
         response = driver.find_element(By.ID, "response")
         WebDriverWait(driver, 60).until(lambda _: response.get_attribute("data-state") in ("done", "error"))
         assert response.get_attribute("data-state") == "done", response.text
-        expected = reference_response(served_dir, instruction, input, max_new_tokens=256)
+        expected = reference_response(served_dir, instruction, input, max_new_tokens=16)
         # The browser normalises the text it shows; compare what it shows with what it was sent.
         shown = driver.execute_script("return document.getElementById('response').textContent")
         assert shown and shown == expected

@@ -49,9 +49,9 @@ def loaded_modules(statement: str) -> set[str]:
     [
         ("utils", {"torch", "openai", "transformers"}),
         ("generate_instruction", {"torch", "transformers"}),
-        ("train", {"openai", "peft", "deepspeed"}),
-        ("weight_diff", {"openai", "peft", "deepspeed"}),
-        ("inference", {"openai", "peft", "deepspeed"}),
+        ("train", {"torch", "openai", "peft", "deepspeed"}),
+        ("weight_diff", {"torch", "openai", "peft", "deepspeed"}),
+        ("inference", {"torch", "openai", "peft", "deepspeed"}),
         ("analyze_data", {"torch", "transformers", "openai"}),
     ],
 )
