@@ -859,6 +859,7 @@ def test_bad_data_fails_before_the_model_is_loaded(tiny_llama_dir, tmp_path):
     assert f'train.py: error: {bad}: record 1, field "output": missing' in result.stderr, result.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes_without_false_alarms(data_file, tmp_path):
     """The first Ctrl-C ends training after the step with a checkpoint and one line; the rerun
     resumes from it. A tied model resumes without the 'missing keys: lm_head.weight' warning,
