@@ -1,5 +1,6 @@
 """Small helpers shared by the scripts: the Alpaca prompt templates, the record checker, JSON
-and atomic file and directory writes, and the command-line runner.
+and atomic file and directory writes, the command-line runner, and the quick check that a model
+path can be loaded.
 
 Kept free of torch and openai imports so that every script can import it cheaply."""
 
