@@ -714,7 +714,7 @@ def test_skip_invalid_drops_and_counts(tmp_path, capsys):
 
 
 @pytest.mark.distributed
-def test_bad_data_and_wrong_layer_class_fail_with_one_clear_line(tiny_llama_dir, tmp_path):
+def test_bad_data_and_wrong_layer_class_fail_with_one_clear_line(tiny_llama_dir, data_file, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([RECORDS[0], {"instruction": "x", "output": None}]))
     result = run_script(
@@ -728,7 +728,7 @@ def test_bad_data_and_wrong_layer_class_fail_with_one_clear_line(tiny_llama_dir,
             "--model_name_or_path",
             tiny_llama_dir,
             "--data_path",
-            bad,
+            data_file,
             "--output_dir",
             tmp_path / "o",
             "--fsdp",
