@@ -254,10 +254,14 @@ WEIGHT_FILES = (
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
-def check_model_source(name_or_path: str, flag: str = "--model_name_or_path", tokenizer: bool = True) -> None:
+def check_model_source(
+    name_or_path: str, flag: str = "--model_name_or_path", tokenizer: bool = True, hub: bool = True
+) -> None:
     """Fail at once, in one line, for a model that cannot be loaded, instead of a long traceback
     after the hub client's retries: a local directory without config.json, weights or (with
-    `tokenizer`) tokenizer files, or a name that is no local path while the hub cannot be reached."""
+    `tokenizer`) tokenizer files, or a name that is no local path while the hub cannot be reached.
+    With `hub=False` (weight_diff.py streams tensors from local files) a path that does not exist
+    is never taken for a hub name."""
     if os.path.isdir(name_or_path):
         files = set(os.listdir(name_or_path))
         missing = [
@@ -274,6 +278,8 @@ def check_model_source(name_or_path: str, flag: str = "--model_name_or_path", to
         return
     if os.path.exists(name_or_path):
         raise UsageError(f"{flag} {name_or_path}: not a directory")
+    if not hub:
+        raise UsageError(f"{flag} {name_or_path}: no such directory (only local model directories are read here)")
     looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1
     if looks_local:
         raise UsageError(f"{flag} {name_or_path}: no such directory")

@@ -596,15 +596,6 @@ def check_manifest_layout(manifest: dict, tensors: dict[str, TensorInfo], names:
             )
 
 
-def check_model_dir(path: str, flag: str) -> None:
-    """Fail at once, in one line naming `flag`, for a path that is not a model directory with a
-    config, weights and a tokenizer (see utils.check_model_source). Local directories only: the
-    tensors are streamed from the files, so a hub name is never looked up or downloaded."""
-    if not os.path.lexists(path):
-        raise UsageError(f"{flag} {path}: no such directory (weight_diff.py reads local model directories only)")
-    utils.check_model_source(path, flag=flag, tokenizer=True)
-
-
 def has_manifest(directory: str) -> bool:
     return os.path.exists(os.path.join(directory, MANIFEST_NAME))
 
@@ -712,8 +703,8 @@ def make_diff(
         overwrite: replace an existing path_diff (only once the new diff is complete).
         max_shard_size_gb: largest safetensors shard to write, in GB (10^9 bytes).
     """
-    check_model_dir(path_raw, "--path_raw")
-    check_model_dir(path_tuned, "--path_tuned")
+    utils.check_model_source(path_raw, flag="--path_raw", hub=False)
+    utils.check_model_source(path_tuned, flag="--path_tuned", hub=False)
     check_target(path_diff, overwrite, [path_raw, path_tuned])
     import torch  # only now that the arguments are checked
 
@@ -798,8 +789,8 @@ def recover(
     """
     if output_dtype not in OUTPUT_DTYPES:
         raise UsageError(f"--output_dtype {output_dtype}: choose one of {', '.join(OUTPUT_DTYPES)}")
-    check_model_dir(path_raw, "--path_raw")
-    check_model_dir(path_diff, "--path_diff")
+    utils.check_model_source(path_raw, flag="--path_raw", hub=False)
+    utils.check_model_source(path_diff, flag="--path_diff", hub=False)
     refuse_diff_as_raw(path_raw, path_diff)
     if test_inference:  # fail now, not after the whole recovery
         check_device(device)
