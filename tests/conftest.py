@@ -37,3 +37,18 @@ def embedded_model_dir(tmp_path_factory) -> pathlib.Path:
 
     cache = os.environ.get("ALPACA_CACHE") or tmp_path_factory.mktemp("alpaca_cache")
     return pathlib.Path(embedded_model_path(cache))
+
+
+@pytest.fixture(scope="session")
+def served_dir(tmp_path_factory) -> pathlib.Path:
+    """The tiny model with a 4096-token context (generate_instruction.py's prompts take about
+    1,500 tokens of the tiny tokenizer) and a tokenizer like SmolLM2's: no beginning-of-sequence
+    token, and padding with the end-of-sequence token. The inference and server tests use it."""
+    from transformers import LlamaTokenizer
+
+    directory = tmp_path_factory.mktemp("served") / "tiny-served"
+    build_tiny_llama(directory, max_position_embeddings=4096)
+    LlamaTokenizer.from_pretrained(str(directory), add_bos_token=False, pad_token="</s>").save_pretrained(
+        str(directory)
+    )
+    return directory

@@ -24,6 +24,16 @@ _TOKENIZER_CORPUS = [
 ]
 
 
+# Instruction and input pairs the inference and server tests answer.
+INSTRUCTIONS = [
+    ("Give three tips for staying healthy.", ""),
+    ("Translate the sentence into French.", "The quick brown fox jumps over the lazy dog."),
+    ("Classify the review as positive or negative.", "The cat sleeps in the sun."),
+    ("Summarize the following article in two sentences.", "It rained all day in the city while the fox slept."),
+    ("Write a response.", ""),
+]
+
+
 def shared_file(relative: str) -> pathlib.Path:
     """Path of a file in ../shared/data; skip the test when it is missing, or fail under
     ALPACA_REQUIRE_SHARED=1."""
@@ -87,3 +97,28 @@ def build_tiny_llama(directory: pathlib.Path, seed: int = 0, **config_overrides)
     model = LlamaForCausalLM(LlamaConfig(**config)).to(torch.float32)
     model.save_pretrained(str(directory))
     return model, tokenizer
+
+
+def reference_response(model_dir, instruction: str, input: str = "", max_new_tokens: int = 24) -> str:
+    """The greedy response to an Alpaca prompt computed directly with transformers: generate,
+    stop at EOS, decode (what inference.py and the server must answer)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from utils import format_prompt
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    ids = tokenizer(format_prompt(instruction, input), return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        output = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.eos_token_id,
+        )
+    new = output[0, ids.shape[1] :].tolist()
+    if tokenizer.eos_token_id in new:
+        new = new[: new.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(new, skip_special_tokens=True).strip()

@@ -1,0 +1,143 @@
+"""Serving throughput on the embedded SmolLM2-135M-Instruct, greedy, the same Alpaca prompts:
+
+- single stream: the previous server's way (transformers' `generate` with a streamer, one
+  request at a time) vs server.py's decoding loop, one streaming client over HTTP;
+- 8 concurrent clients vs 1 against server.py (aggregate completion tokens per second);
+- with a `llama-server` binary on PATH, the ratio of server.py's single stream to it (the same
+  model, converted to GGUF by llama.cpp's tools: pass it with --gguf).
+
+Both single-stream runs must produce the same text. Run: .venv/bin/python -m bench.bench_serve"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+from bench.common import ROOT
+
+INSTRUCTIONS = [
+    "Give three tips for staying healthy.",
+    "Describe the water cycle.",
+    "Write a short poem about the sea.",
+    "Explain what a neural network is.",
+    "List five fruits and their colours.",
+    "How do I make a cup of tea?",
+    "Name three famous painters.",
+    "What is the capital of France, and why is it famous?",
+]
+
+
+def stream_tokens(base_url: str, prompt: str, max_tokens: int) -> tuple[str, int]:
+    """One streamed completion over HTTP: its text and completion tokens (from the usage chunk)."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    body["stream_options"] = {"include_usage": True}
+    request = urllib.request.Request(
+        base_url + "/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    text, tokens = "", 0
+    with urllib.request.urlopen(request, timeout=600) as reply:
+        for line in reply:
+            data = line.decode().strip().removeprefix("data: ")
+            if not data or data == "[DONE]":
+                continue
+            chunk = json.loads(data)
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            for choice in chunk["choices"]:
+                text += choice["text"]
+    return text, tokens
+
+
+def clients(base_url: str, prompts: list[str], max_tokens: int, concurrency: int) -> tuple[list[str], float]:
+    """Every prompt sent by `concurrency` clients at once: the texts and aggregate tokens/s."""
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(lambda p: stream_tokens(base_url, p, max_tokens), prompts))
+    seconds = time.perf_counter() - start
+    return [text for text, _ in results], sum(tokens for _, tokens in results) / seconds
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--max_tokens", type=int, default=48)
+    parser.add_argument("--single", type=int, default=3, help="prompts for the single-stream runs")
+    parser.add_argument("--gguf", help="the model as GGUF, for llama-server (when it is on PATH)")
+    args = parser.parse_args()
+
+    from embedded_model import embedded_model_path
+    from generation import stream_completion
+    from inference import load_model_and_tokenizer
+    from server import InferenceServer
+    from utils import format_prompt
+
+    model_dir = embedded_model_path(os.environ.get("ALPACA_CACHE") or str(ROOT / ".cache" / "alpaca"))
+    model, tokenizer = load_model_and_tokenizer(model_dir)
+    prompts = [format_prompt(instruction) for instruction in INSTRUCTIONS]
+    single = prompts[: args.single]
+
+    # The previous server: generate with a streamer, one request at a time.
+    start, baseline_texts, baseline_tokens = time.perf_counter(), [], 0
+    for prompt in single:
+        pieces = list(stream_completion(model, tokenizer, prompt, args.max_tokens, do_sample=False))
+        baseline_texts.append("".join(p for p, _ in pieces))
+        baseline_tokens += min(args.max_tokens, len(tokenizer(baseline_texts[-1])["input_ids"]))
+    baseline = baseline_tokens / (time.perf_counter() - start)
+
+    defaults = dict(temperature=0.0, top_p=1.0, top_k=0, num_beams=1, repetition_penalty=1.0)
+    httpd = InferenceServer(("127.0.0.1", 0), model, tokenizer, "bench", args.max_tokens, 8, defaults)
+    httpd.RequestHandlerClass.log_message = lambda *a: None
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_port}"
+    try:
+        ours_texts, ours = clients(url, single, args.max_tokens, 1)
+        assert ours_texts == baseline_texts, "server.py's greedy text differs from generate's"
+        one_texts, one = clients(url, prompts, args.max_tokens, 1)
+        eight_texts, eight = clients(url, prompts, args.max_tokens, 8)
+        assert eight_texts == one_texts, "8 concurrent clients got other text than 1 at a time"
+    finally:
+        httpd.shutdown()
+        httpd.stop_generating()
+        httpd.server_close()
+    print(f"single stream: {baseline:.1f} tok/s before (generate + streamer), {ours:.1f} tok/s server.py; same text")
+    print(f"serve-single: ratio={ours / baseline:.2f} (baseline={baseline:.1f} tok/s, ours={ours:.1f} tok/s)")
+    print(
+        f"serve-concurrent: ratio={eight / one:.2f} (baseline={one:.1f} tok/s with 1 client, ours={eight:.1f} tok/s with 8)"
+    )
+    llama_server(args, single, ours)
+
+
+def llama_server(args, prompts: list[str], ours: float) -> None:
+    binary = shutil.which("llama-server")
+    if binary is None or not args.gguf:
+        print("llama-server: not run (needs llama-server on PATH and --gguf MODEL.gguf)")
+        return
+    port = 8765
+    process = subprocess.Popen(
+        [binary, "-m", args.gguf, "--port", str(port), "-t", str(os.cpu_count())],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        _, theirs = clients(url, prompts, args.max_tokens, 1)
+    finally:
+        process.terminate()
+        process.wait()
+    print(
+        f"serve-vs-llama-server: ratio={ours / theirs:.2f} (baseline={theirs:.1f} tok/s llama-server, ours={ours:.1f} tok/s)"
+    )
+
+
+if __name__ == "__main__":
+    main()
