@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import socket
+import string
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -27,6 +28,46 @@ PROMPT_DICT = {
         "### Instruction:\n{instruction}\n\n### Response:"
     ),
 }
+
+# The same two templates as a Hugging Face chat template (Jinja), so that any server that formats
+# chats with the tokenizer's template (transformers serve, vLLM, llama.cpp --jinja) sends the
+# model the prompt it was trained on. The instruction is the last user message; when the chat
+# ends with two user messages, the first is the instruction and the second the input. A final
+# assistant message is the response, followed by EOS, as training appends it.
+_CHAT_TEMPLATE = (
+    "{%- set answer = messages[-1]['content'] if messages and messages[-1]['role'] == 'assistant' else none -%}"
+    "{%- set turns = messages[:-1] if answer is not none else messages -%}"
+    "{%- set users = turns | selectattr('role', 'equalto', 'user') | list -%}"
+    "{%- if not users -%}{{ raise_exception('an Alpaca prompt needs a user message (the instruction)') }}{%- endif -%}"
+    "{%- if turns | length >= 2 and turns[-2]['role'] == 'user' and turns[-1]['role'] == 'user' -%}"
+    "{%- set instruction, input = turns[-2]['content'], turns[-1]['content'] -%}"
+    "{%- else -%}{%- set instruction, input = users[-1]['content'], '' -%}{%- endif -%}"
+    "{{ PREFIX }}"
+    "{%- if input -%}{{ PROMPT_INPUT }}{%- else -%}{{ PROMPT_NO_INPUT }}{%- endif -%}"
+    "{%- if answer is not none -%}{{ answer + eos_token }}{%- endif -%}"
+)
+
+
+def _jinja_expression(template: str) -> str:
+    """A PROMPT_DICT template as one Jinja expression: its text as string literals (JSON's
+    escapes are Jinja's), its {fields} as variables."""
+    parts = []
+    for literal, field, _, _ in string.Formatter().parse(template):
+        parts += [json.dumps(literal)] if literal else []
+        parts += [field] if field else []
+    return " + ".join(parts)
+
+
+def alpaca_chat_template(bos_token: bool = False, space_after_bos: bool = False) -> str:
+    """The Alpaca prompt as a chat template, beginning with the tokenizer's BOS (and a space,
+    which a SentencePiece tokenizer reads as the word boundary it puts before the first word)
+    for a tokenizer that adds one, since servers tokenize the rendered text without adding it."""
+    prefix = " + ".join((["bos_token"] if bos_token else []) + (['" "'] if space_after_bos else [])) or '""'
+    return (
+        _CHAT_TEMPLATE.replace("PREFIX", prefix)
+        .replace("PROMPT_INPUT", _jinja_expression(PROMPT_DICT["prompt_input"]))
+        .replace("PROMPT_NO_INPUT", _jinja_expression(PROMPT_DICT["prompt_no_input"]))
+    )
 
 
 # The modes open() and mkdir() give under this process's umask (read once: os.umask sets it).
@@ -208,6 +249,26 @@ def load_records(path: str) -> list:
         records = [records]
     if not isinstance(records, list):
         raise UsageError(f"{path}: expected a JSON list or JSON Lines of records, got {type(records).__name__}")
+    return records
+
+
+def load_evaluation_records(path: str) -> list:
+    """The records of an evaluation set read as published: Self-Instruct's user-oriented set
+    (`{id, motivation_app, instruction, instances: [{input, output}]}`) gives one
+    `{instruction, input, output, ...}` record per instance, its output the reference; the
+    AlpacaEval set, model outputs and training data are read as they are."""
+    records = []
+    for index, record in enumerate(load_records(path)):
+        if not (isinstance(record, dict) and "instances" in record):
+            records.append(record)
+            continue
+        problems = seed_task_problems(record, required=("instruction",))
+        if problems:
+            raise UsageError(describe_problem(path, index, problems[0]))
+        task = {key: value for key, value in record.items() if key != "instances"}
+        records += [
+            {**task, "input": instance["input"], "output": instance["output"]} for instance in record["instances"]
+        ]
     return records
 
 

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
+import model_card
 import utils
 from utils import UsageError
 
@@ -633,9 +634,11 @@ def output_dir(target: str | None, overwrite: bool) -> contextlib.AbstractContex
     return utils.atomic_directory(target, overwrite)
 
 
-def save_config_and_tokenizer(source_dir: str, target_dir: str, dtype: torch.dtype) -> None:
-    """The model config (with its dtype set to the saved weights'), the generation config and
-    the tokenizer of `source_dir`, saved beside the weights in `target_dir`."""
+def save_config_and_tokenizer(source_dir: str, target_dir: str, dtype: torch.dtype, recovering: bool = False) -> None:
+    """The model config (with its dtype set to the saved weights'), the generation config, the
+    tokenizer and the model card of `source_dir`, saved beside the weights in `target_dir`. A
+    diff's card says it is a diff (recovering takes that note out again), and a recovered
+    model's tokenizer gets the Alpaca chat template (the 2023 Alpaca-7B diff has none)."""
     config_path = os.path.join(source_dir, "config.json")
     if not os.path.exists(config_path):
         raise UsageError(f"{source_dir}: no config.json")
@@ -647,7 +650,16 @@ def save_config_and_tokenizer(source_dir: str, target_dir: str, dtype: torch.dty
     generation_config = os.path.join(source_dir, "generation_config.json")
     if os.path.exists(generation_config):
         shutil.copyfile(generation_config, os.path.join(target_dir, "generation_config.json"))
-    load_tokenizer(source_dir).save_pretrained(target_dir)
+    tokenizer = load_tokenizer(source_dir)
+    if recovering:
+        model_card.install_chat_template(tokenizer)
+    tokenizer.save_pretrained(target_dir)
+    card_path = os.path.join(source_dir, model_card.CARD_NAME)
+    if os.path.exists(card_path):
+        with open(card_path, encoding="utf-8") as f:
+            card = f.read()
+        card = model_card.undiff_card(card) if recovering else model_card.diff_card(card)
+        utils.write_text_atomically(card, os.path.join(target_dir, model_card.CARD_NAME))
 
 
 def check_device(device: str) -> None:
@@ -850,7 +862,7 @@ def recover(
             else:
                 checks["naive sum"] = "skipped (--check_integrity_naively False)"
                 print(f"naive integrity check: {checks['naive sum']}; the sum of all recovered weights is {total:.4f}")
-            save_config_and_tokenizer(path_diff, out, dtype)
+            save_config_and_tokenizer(path_diff, out, dtype, recovering=True)
             if test_inference:
                 run_test_inference(out, device, dtype)
             checks["test inference"] = f"ran on {device}" if test_inference else "skipped (--test_inference False)"

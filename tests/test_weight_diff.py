@@ -18,6 +18,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+import model_card
 import tokens
 import utils
 import weight_diff
@@ -669,3 +670,28 @@ def test_unusable_device_fails_before_recovering(dirs, tmp_path):
     assert result.returncode == 1 and f"error: --device {device} cannot be used here" in result.stderr
     assert "recover:" not in result.stderr  # no progress bar: nothing was recovered first
     assert_nothing_left(tmp_path / "out")
+
+
+# ---------------------------------------------------------------------------------------------
+# The model card and the chat template
+
+
+def test_recovered_tokenizer_gets_the_alpaca_chat_template(dirs):
+    # The tuned tokenizer here has no template, as the 2023 Alpaca-7B diff's has none.
+    assert transformers.AutoTokenizer.from_pretrained(dirs["diff"]).chat_template is None
+    tokenizer = transformers.AutoTokenizer.from_pretrained(dirs["recovered"])
+    messages = model_card.chat_messages(weight_diff.TEST_INSTRUCTION)
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert ids["input_ids"] == tokenizer(utils.format_prompt(weight_diff.TEST_INSTRUCTION))["input_ids"]
+
+
+def test_the_model_card_goes_into_the_diff_and_back_unchanged(dirs, tmp_path):
+    tuned = tmp_path / "tuned"
+    shutil.copytree(dirs["tuned"], tuned)
+    card = model_card.model_card("base", str(ROOT / "alpaca_data.json"), {"learning_rate": 2e-5}, {"loss": 1.0})
+    (tuned / "README.md").write_text(card)
+    weight_diff.make_diff(str(dirs["raw"]), str(tuned), str(tmp_path / "diff"))
+    diff_card = (tmp_path / "diff" / "README.md").read_text()
+    assert diff_card == model_card.diff_card(card) and "weight_diff.py recover" in diff_card
+    recover_quietly(dirs["raw"], tmp_path / "diff", tmp_path / "recovered")
+    assert (tmp_path / "recovered" / "README.md").read_text() == card
