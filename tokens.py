@@ -183,3 +183,80 @@ class DataCollatorForSupervisedDataset:
             labels[row, :n] = torch.tensor(f["labels"])
             attention_mask[row, :n] = 1
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def pack_best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Group example indices into rows of at most `capacity` tokens, longest example first, each
+    into the fullest row it still fits (best-fit decreasing). No example is split: one longer
+    than `capacity` is a row of its own."""
+    rows: list[list[int]] = []
+    # (room left, row index), kept sorted: the first entry with room >= n is the best fit.
+    room: list[tuple[int, int]] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        n = lengths[index]
+        slot = bisect.bisect_left(room, (n, -1))
+        if slot == len(room):
+            rows.append([index])
+            bisect.insort(room, (capacity - n, len(rows) - 1))
+        else:
+            left, row = room.pop(slot)
+            rows[row].append(index)
+            bisect.insort(room, (left - n, row))
+    return rows
+
+
+def pack_examples(examples: Sequence[dict], capacity: int) -> list[dict]:
+    """The examples packed into rows of at most `capacity` tokens (see `pack_best_fit_decreasing`):
+    each row holds its examples' input_ids and labels one after another, and position ids that
+    restart at each example (they mark where examples start: see `sequence_lengths`)."""
+    rows = pack_best_fit_decreasing([len(e["input_ids"]) for e in examples], capacity)
+    return [
+        {
+            "input_ids": [t for i in row for t in examples[i]["input_ids"]],
+            "labels": [t for i in row for t in examples[i]["labels"]],
+            "position_ids": [p for i in row for p in range(len(examples[i]["input_ids"]))],
+        }
+        for row in rows
+    ]
+
+
+def sequence_lengths(position_ids: Sequence[int]) -> list[int]:
+    """The lengths of the examples in a packed row, from its position ids (0 starts each one)."""
+    starts = [i for i, p in enumerate(position_ids) if p == 0] + [len(position_ids)]
+    return [end - start for start, end in zip(starts[:-1], starts[1:])]
+
+
+@dataclass
+class DataCollatorForPackedRows:
+    """Batch packed rows (see `pack_examples`) without a dense attention mask: position ids
+    restart at every example, which sdpa and eager attention turn into a block-diagonal causal
+    mask; with `flash_attn_kwargs`, also the cumulative sequence lengths of the flattened batch,
+    which FlashAttention's varlen kernel takes instead of any mask, so a packed row costs what
+    its examples cost. Rows are right-padded to the batch's longest; the padding is a sequence of
+    its own that nothing attends to and the loss skips."""
+
+    pad_token_id: int
+    flash_attn_kwargs: bool = False
+
+    def __call__(self, features: Sequence[dict]) -> dict[str, Any]:
+        longest = max(len(f["input_ids"]) for f in features)
+        input_ids = torch.full((len(features), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros((len(features), longest), dtype=torch.long)
+        lengths = []
+        for row, f in enumerate(features):
+            n = len(f["input_ids"])
+            input_ids[row, :n] = torch.tensor(f["input_ids"])
+            labels[row, :n] = torch.tensor(f["labels"])
+            row_lengths = sequence_lengths(f["position_ids"]) + ([longest - n] if n < longest else [])
+            position_ids[row] = torch.cat([torch.arange(length) for length in row_lengths])
+            # The first token of each example is predicted from nothing of its own: never a target.
+            starts = torch.tensor([0] + row_lengths[:-1]).cumsum(0)
+            labels[row, starts] = IGNORE_INDEX
+            lengths += row_lengths
+        batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        if self.flash_attn_kwargs:
+            cumulative = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+            batch.update(cu_seq_lens_q=cumulative, cu_seq_lens_k=cumulative)
+            batch.update(max_length_q=max(lengths), max_length_k=max(lengths))
+        return batch

@@ -13,6 +13,7 @@ lines working on today's libraries. Run `python train.py --help` for the project
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import os
 import pathlib
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import transformers
 
+import model_card
 import utils
 from utils import UsageError
 
@@ -53,6 +55,15 @@ class ModelArguments:
         },
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Where models downloaded from the hub are cached."})
+    attn_implementation: str = field(
+        default="sdpa",
+        metadata={
+            "help": "Attention kernel: sdpa (default; PyTorch's scaled_dot_product_attention), eager, or "
+            "flash_attention_2 (needs an NVIDIA GPU and the flash_attn package; batches without padding "
+            "then hand it cumulative sequence lengths instead of a mask).",
+            "choices": ["sdpa", "eager", "flash_attention_2"],
+        },
+    )
 
 
 @dataclass
@@ -81,6 +92,14 @@ class DataArguments:
         metadata={
             "help": "Concatenate each batch into one row without padding; positions restart and attention "
             "stays inside each example, so the loss is the same as with padding."
+        },
+    )
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "Pack examples into rows of up to --model_max_length tokens (best fit decreasing; no example "
+            "is split) and train the rows without padding; --per_device_train_batch_size then counts rows. Unlike "
+            "--padding_free, which joins a batch into one row however long, each row stays within the limit."
         },
     )
 
@@ -145,6 +164,14 @@ def trainer_arguments_class() -> type:
         _argument_group_name = "Hugging Face Trainer (transformers.TrainingArguments)"
 
         optim: str = field(default="adamw_torch", metadata={"help": "Optimizer (the original's default: adamw_torch)."})
+        # The Trainer types it `str | bool`, which its own parser reads as a bool, refusing non_padding.
+        include_num_input_tokens_seen: str = field(
+            default="no",
+            metadata={
+                "help": "Count the input tokens trained on (state.num_input_tokens_seen): all, non_padding or no.",
+                "choices": ["no", "all", "non_padding"],
+            },
+        )
         resume_from_checkpoint: str | None = field(
             default=None,
             metadata={
@@ -216,7 +243,8 @@ def parse_arguments(argv: Sequence[str] | None = None) -> Arguments:
 
     model, data, lora, old = (take(t) for t in PROJECT_ARGUMENTS)
     trainer = map_old_spellings(old, namespace)
-    adapt_to_hardware(trainer)
+    route_activation_checkpointing(trainer)
+    adapt_to_hardware(trainer, model)
     return Arguments(model, data, lora, trainer)
 
 
@@ -240,13 +268,32 @@ def map_old_spellings(old: OldSpellings, trainer: dict[str, Any]) -> dict[str, A
 
 def _fsdp_config_with_layer_class(fsdp_config: Any, layer_class: str) -> dict:
     """--fsdp_config (a dict, a JSON file or inline JSON) with the layer class to wrap set."""
+    config = _fsdp_config_dict(fsdp_config)
+    config["transformer_layer_cls_to_wrap"] = [name.strip() for name in layer_class.split(",")]
+    return config
+
+
+def _fsdp_config_dict(fsdp_config: Any) -> dict:
+    """--fsdp_config as a dict: it may be one already, a JSON file, inline JSON or absent."""
     if isinstance(fsdp_config, str) and fsdp_config.lstrip().startswith("{"):
         fsdp_config = json.loads(fsdp_config)
     elif isinstance(fsdp_config, str):
         fsdp_config = utils.jload(fsdp_config)
-    config = dict(fsdp_config or {})
-    config["transformer_layer_cls_to_wrap"] = [name.strip() for name in layer_class.split(",")]
-    return config
+    return dict(fsdp_config or {})
+
+
+def route_activation_checkpointing(trainer: dict[str, Any]) -> None:
+    """--gradient_checkpointing (or --activation_checkpointing) under --fsdp becomes FSDP's own
+    activation checkpointing (fsdp_config activation_checkpointing): the model-level call
+    recomputes each layer outside FSDP's wrapping, gathering its sharded weights a second time,
+    and the Trainer refuses the two together."""
+    wanted = trainer.get("activation_checkpointing") or trainer.get("gradient_checkpointing")
+    if not (trainer.get("fsdp") and wanted):
+        return
+    trainer["fsdp_config"] = {**_fsdp_config_dict(trainer.get("fsdp_config")), "activation_checkpointing": True}
+    trainer["activation_checkpointing"] = trainer["gradient_checkpointing"] = None
+    if os.environ.get("RANK", "0") == "0":
+        print("--gradient_checkpointing with --fsdp: using FSDP's activation checkpointing (fsdp_config).")
 
 
 def on_cpu(trainer: dict[str, Any]) -> bool:
@@ -255,12 +302,28 @@ def on_cpu(trainer: dict[str, Any]) -> bool:
     return bool(trainer.get("use_cpu")) or not torch.accelerator.is_available()
 
 
-def adapt_to_hardware(trainer: dict[str, Any]) -> None:
+def adapt_to_hardware(trainer: dict[str, Any], model: ModelArguments) -> None:
     """Run GPU command lines on a CPU-only machine, and give one clear line instead of a stack
-    trace for precision modes the GPU lacks. On CPU the Trainer needs use_cpu for gloo, and TF32
-    is a GPU matmul mode with no CPU meaning, so it is skipped with a warning."""
+    trace for precision modes the GPU lacks and GPU kernels that cannot run here. On CPU the
+    Trainer needs use_cpu for gloo, and TF32 is a GPU matmul mode with no CPU meaning, so it is
+    skipped with a warning."""
     import torch
 
+    gpu = torch.cuda.is_available() and not trainer.get("use_cpu")
+    kernels = (
+        (model.attn_implementation == "flash_attention_2", "--attn_implementation flash_attention_2", "flash_attn"),
+        (trainer.get("use_liger_kernel"), "--use_liger_kernel True", "liger_kernel"),
+    )
+    for wanted, flag, package in kernels:
+        if wanted and importlib.util.find_spec(package) is None:
+            raise UsageError(
+                f"{flag} needs the {package} package, which is not installed (pip install "
+                f"{package.replace('_', '-')}){'' if gpu else ', and an NVIDIA GPU'}; or drop the flag."
+            )
+        if wanted and not gpu:
+            raise UsageError(
+                f"{flag} needs an NVIDIA GPU (its kernels are CUDA/Triton); drop the flag on this machine."
+            )
     if on_cpu(trainer):
         trainer["use_cpu"] = True
         if trainer.get("tf32"):
@@ -340,8 +403,10 @@ def make_supervised_data_module(
     tokenizer: transformers.PreTrainedTokenizerBase,
     data_args: DataArguments,
     training_args: transformers.TrainingArguments,
+    flash_attn_kwargs: bool = False,
 ) -> dict:
-    """Datasets and collator for the Trainer; tokenization runs once, on the main process."""
+    """Datasets and collator for the Trainer; tokenization runs once, on the main process.
+    `flash_attn_kwargs`: padding-free batches carry cumulative sequence lengths for FlashAttention."""
     import tokens
 
     def load_and_tokenize():
@@ -368,13 +433,29 @@ def make_supervised_data_module(
         order = list(range(len(examples)))
         random.Random(training_args.seed).shuffle(order)
         held_out = set(order[: data_args.val_set_size])
-        eval_dataset = tokens.SupervisedDataset([examples[i] for i in sorted(held_out)])
+        eval_dataset = [examples[i] for i in sorted(held_out)]
         examples = [e for i, e in enumerate(examples) if i not in held_out]
-    if data_args.padding_free:
-        collator = transformers.DataCollatorWithFlattening(separator_id=tokens.IGNORE_INDEX)
+    if data_args.packing:
+        collator = tokens.DataCollatorForPackedRows(tokenizer.pad_token_id, flash_attn_kwargs=flash_attn_kwargs)
+        pack = functools.partial(tokens.pack_examples, capacity=data_args.model_max_length)
+        rows = pack(examples)
+        if training_args.process_index == 0:
+            fill = sum(len(r["input_ids"]) for r in rows) / (len(rows) * data_args.model_max_length)
+            print(
+                f"--packing: {len(examples)} examples -> {len(rows)} rows of <= {data_args.model_max_length} tokens ({fill:.1%} full)."
+            )
+        examples, eval_dataset = rows, eval_dataset and pack(eval_dataset)
+    elif data_args.padding_free:
+        collator = transformers.DataCollatorWithFlattening(
+            separator_id=tokens.IGNORE_INDEX, return_flash_attn_kwargs=flash_attn_kwargs
+        )
     else:
         collator = tokens.DataCollatorForSupervisedDataset(pad_token_id=tokenizer.pad_token_id)
-    return dict(train_dataset=tokens.SupervisedDataset(examples), eval_dataset=eval_dataset, data_collator=collator)
+    return dict(
+        train_dataset=tokens.SupervisedDataset(examples),
+        eval_dataset=eval_dataset and tokens.SupervisedDataset(eval_dataset),
+        data_collator=collator,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,7 +482,10 @@ def load_model(model_args: ModelArguments) -> transformers.PreTrainedModel:
     dtype = model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype)
     try:
         return transformers.AutoModelForCausalLM.from_pretrained(
-            model_args.model_name_or_path, cache_dir=model_args.cache_dir, dtype=dtype
+            model_args.model_name_or_path,
+            cache_dir=model_args.cache_dir,
+            dtype=dtype,
+            attn_implementation=model_args.attn_implementation,
         )
     except OSError as e:
         raise UsageError(f"--model_name_or_path {model_args.model_name_or_path}: cannot load the model ({e})") from None
@@ -434,9 +518,14 @@ def check_padding_free_support(model: transformers.PreTrainedModel) -> None:
     if is_deepspeed_zero3_enabled():
         return  # the parameters are partitioned: no forward pass outside the DeepSpeed engine
     ids = torch.tensor([[3, 4, 5, 6], [7, 8, 9, 10]])
+    # The model is still on the CPU, where FlashAttention cannot run: the check asks how the
+    # model builds its mask from position ids, so sdpa answers it as well.
+    kernel = model.config._attn_implementation
+    model.set_attn_implementation("sdpa")
     with torch.no_grad():
         apart = model(input_ids=ids, use_cache=False).logits
         packed = model(input_ids=ids.reshape(1, -1), position_ids=torch.arange(4).repeat(2)[None], use_cache=False)
+    model.set_attn_implementation(kernel)
     difference = (packed.logits.reshape(apart.shape) - apart).abs().max()
     if difference > 0.02 * apart.abs().max():  # far above rounding noise, even in bfloat16
         raise UsageError(
@@ -484,7 +573,11 @@ def last_checkpoint(training_args: transformers.TrainingArguments) -> str | None
     return str(newest)
 
 
-def train(argv: Sequence[str] | None = None) -> transformers.Trainer:
+def train(
+    argv: Sequence[str] | None = None, callbacks: Sequence[transformers.TrainerCallback] = ()
+) -> transformers.Trainer:
+    """Train as the command line `argv` says; `callbacks` are added to the Trainer's (the GPU
+    benchmark times the run with one)."""
     args = parse_arguments(argv)
     training_args = training_arguments(args.trainer)
     # Imported here: the Trainer loads peft and most of transformers, which --help does not need.
@@ -495,13 +588,18 @@ def train(argv: Sequence[str] | None = None) -> transformers.Trainer:
     # seconds rather than after minutes of loading.
     tokenizer = load_tokenizer(args.model)
     num_new_tokens = tokenizer.add_special_tokens(tokens.missing_special_tokens(tokenizer))
-    data_module = make_supervised_data_module(tokenizer, args.data, training_args)
+    model_card.install_chat_template(tokenizer, log=training_args.process_index == 0)  # saved with every checkpoint
+    flash = args.model.attn_implementation.startswith("flash_attention")
+    data_module = make_supervised_data_module(tokenizer, args.data, training_args, flash_attn_kwargs=flash)
 
+    # Seeded before the model is built: LoRA's initial weights (and a model made with new rows)
+    # then follow --seed, like the Trainer's own steps.
+    transformers.set_seed(training_args.seed)
     model = load_model(args.model)
     check_fsdp_layer_classes(model, training_args)
     tokens.init_new_token_embeddings(model, len(tokenizer), num_new_tokens)
     tokens.set_special_token_ids(model, tokenizer)
-    if args.data.padding_free:
+    if args.data.padding_free or args.data.packing:
         check_padding_free_support(model)
     if args.lora.use_lora:
         model = add_lora(model, args.lora)
@@ -509,6 +607,8 @@ def train(argv: Sequence[str] | None = None) -> transformers.Trainer:
     trainer = trainer_hooks.Trainer(model=model, processing_class=tokenizer, args=training_args, **data_module)
     if training_args.world_size > 1:
         trainer.add_callback(trainer_hooks.ShardReport())
+    for callback in callbacks:
+        trainer.add_callback(callback)
     interrupt = trainer_hooks.CheckpointOnInterrupt()
     trainer.add_callback(interrupt)
     trainer.train(resume_from_checkpoint=last_checkpoint(training_args))
@@ -522,6 +622,8 @@ def train(argv: Sequence[str] | None = None) -> transformers.Trainer:
         merged_dir = os.path.join(training_args.output_dir, "merged")
         trainer.model.merge_and_unload().save_pretrained(merged_dir)
         tokenizer.save_pretrained(merged_dir)
+    if trainer.is_world_process_zero():
+        model_card.write_training_cards(args, trainer)
     end_process_group()
     return trainer
 

@@ -54,12 +54,18 @@ def tied_names(model: torch.nn.Module) -> set[str]:
 
 class ShardReport(transformers.TrainerCallback):
     """Print how many parameter values each rank holds, so a sharded run can be told from a
-    replicated one at a glance."""
+    replicated one at a glance, and how many layers FSDP's activation checkpointing wraps."""
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         local = sum(_numel(p)[0] for p in model.parameters())
         total = sum(_numel(p)[1] for p in model.parameters())
         print(f"rank {args.process_index}: holds {local:,} of {total:,} parameter values", flush=True)
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+        # FSDP's activation checkpointing wraps each decoder layer in place.
+        wrapped = sum(isinstance(m, CheckpointWrapper) for m in model.modules())
+        if wrapped:
+            print(f"rank {args.process_index}: activation checkpointing wraps {wrapped} layers", flush=True)
 
 
 def _numel(param: torch.Tensor) -> tuple[int, int]:
