@@ -6,6 +6,9 @@
 4. Release the result as a weight diff (`weight_diff.py make_diff`) and recover it (`recover`,
    checked against the diff's manifest).
 5. Show the base and the fine-tuned model's responses to a few instructions side by side.
+6. Evaluate on a held-out slice of alpaca_data.json that training did not see: the held-out loss
+   of both models (`evaluate.py loss`), and the fine-tuned model's win rate against the base
+   (`evaluate.py win_rate`), judged by the base model served by `inference.py --serve`.
 
 Every step runs the project's own command line, printed before it runs, and leaves its output in
 one demo directory. `--quick True` is the reduced form the test suite runs.
@@ -28,6 +31,7 @@ import utils
 from embedded_model import embedded_model_path
 
 ROOT = pathlib.Path(__file__).resolve().parent
+STEPS = 6
 SHOWCASE = [
     {"instruction": "Give three tips for keeping a houseplant alive.", "input": ""},
     {"instruction": "Rewrite the sentence in the passive voice.", "input": "The committee approved the new budget."},
@@ -39,7 +43,7 @@ SHOWCASE = [
 @contextlib.contextmanager
 def step(number: int, title: str, durations: list[tuple[str, float]]) -> Iterator[None]:
     """One step of the demo: its title first, and afterwards how long it took (kept in `durations`)."""
-    print(f"\n== [{number}/5] {title}", flush=True)
+    print(f"\n== [{number}/{STEPS}] {title}", flush=True)
     started = time.monotonic()
     yield
     durations.append((title, time.monotonic() - started))
@@ -83,21 +87,30 @@ def wait_until_serving(url: str, server: subprocess.Popen, log: pathlib.Path, ti
     raise RuntimeError(f"the inference server did not answer within {timeout:.0f} s; see {log}")
 
 
-def generate_with_base_model(base: str, out: pathlib.Path, requests: int, max_tokens: int) -> None:
-    shutil.rmtree(out / "generate", ignore_errors=True)  # a fresh run, not a resumed one
+@contextlib.contextmanager
+def serving(model: str, log: pathlib.Path) -> Iterator[str]:
+    """`inference.py --serve` on a free port while the block runs; yields its API base URL."""
     port = free_port()
     api_base = f"http://127.0.0.1:{port}/v1"
-    log = out / "server.log"
-    print(f"$ python inference.py --model_name_or_path {base} --serve True --port {port}   (log: {log})")
+    print(f"$ python inference.py --model_name_or_path {model} --serve True --port {port}   (log: {log})")
     with open(log, "w") as f:
         server = subprocess.Popen(
-            [sys.executable, "inference.py", "--model_name_or_path", base, "--serve", "True", "--port", str(port)],
+            [sys.executable, "inference.py", "--model_name_or_path", model, "--serve", "True", "--port", str(port)],
             cwd=ROOT,
             stdout=f,
             stderr=subprocess.STDOUT,
         )
     try:
         wait_until_serving(api_base, server, log)
+        yield api_base
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def generate_with_base_model(base: str, out: pathlib.Path, requests: int, max_tokens: int) -> None:
+    shutil.rmtree(out / "generate", ignore_errors=True)  # a fresh run, not a resumed one
+    with serving(base, out / "server.log") as api_base:
         run(
             [
                 "-m",
@@ -125,9 +138,6 @@ def generate_with_base_model(base: str, out: pathlib.Path, requests: int, max_to
                 1,
             ]
         )
-    finally:
-        server.terminate()
-        server.wait()
     summary = json.loads((out / "generate" / "regen_summary.json").read_text())
     kept = json.loads((out / "generate" / "regen.json").read_text())
     counts = summary["counts"]
@@ -248,6 +258,59 @@ def compare(
             print(f"--- {name}:\n{answers[name][number]['output'].strip()}")
 
 
+def evaluate_held_out(
+    base: str, recovered: pathlib.Path, out: pathlib.Path, first: int, count: int, max_new_tokens: int
+) -> None:
+    """Held-out loss of both models, and the fine-tuned model's win rate against the base on
+    `count` records of alpaca_data.json from index `first` on (training used those before)."""
+    held_out = out / "held_out.json"
+    utils.jdump(utils.jload(ROOT / "alpaca_data.json")[first : first + count], held_out)
+    print(f"held-out slice: records {first}-{first + count - 1} of alpaca_data.json ({count} records)")
+    losses = {}
+    for name, model in (("base", base), ("fine-tuned", recovered)):
+        result = out / f"held_out_loss_{name}.json"
+        run(
+            ["evaluate.py", "loss", "--model_name_or_path", model, "--data_path", held_out, "--model_max_length", 256,
+             "--output_file", result],
+            log=out / f"held_out_loss_{name}.log",
+        )  # fmt: skip
+        losses[name] = json.loads(result.read_text())
+        answers = out / f"held_out_{name}.json"
+        answers.unlink(missing_ok=True)
+        run(
+            ["inference.py", "--model_name_or_path", model, "--input_file", held_out, "--output_file", answers,
+             "--max_new_tokens", max_new_tokens, "--batch_size", count, "--generator", name],
+            log=out / f"held_out_{name}.log",
+        )  # fmt: skip
+    shutil.rmtree(out / "evaluation", ignore_errors=True)  # judge afresh: the answers are new
+    with serving(base, out / "judge_server.log") as api_base:
+        run(
+            ["evaluate.py", "win_rate", "--model_outputs", out / "held_out_fine-tuned.json",
+             "--reference_outputs", out / "held_out_base.json", "--judge_model", "SmolLM2-135M-Instruct",
+             "--api_base", api_base, "--api_style", "completions", "--output_dir", out / "evaluation",
+             "--max_concurrency", 2],
+            log=out / "evaluation.log",
+        )  # fmt: skip
+    board = json.loads((out / "evaluation" / "leaderboard.json").read_text())
+    print("\nHeld-out loss per response token (lower is better):")
+    for name, result in losses.items():
+        print(f"  {name:10s} {result['loss']:.4f} (perplexity {result['perplexity']:.2f}, {result['tokens']} tokens)")
+
+    def number(value, digits=1):
+        return "n/a" if value is None else f"{value:.{digits}f}"
+
+    print(
+        f"\nWin rate of the fine-tuned model against the base: {number(board['win_rate'])}% "
+        f"(+/- {number(board['standard_error'])}; {board['wins']} wins, {board['ties']} ties, {board['losses']} losses; "
+        f"{board['unscored_pairs']} of {board['n_pairs']} pairs without a verdict)"
+    )
+    print(
+        f"  judged by a small local judge, the 135M base model itself: position consistency "
+        f"{number(board['position_consistency'], 2)} (1.00: its verdict never depends on the order). A judge "
+        "this small is close to chance; for a real measure point evaluate.py at a strong judge."
+    )
+
+
 def main(demo_dir: str = "demo_output", quick: bool = False, cache_dir: str | None = None) -> None:
     """Run the demo.
 
@@ -266,15 +329,21 @@ def main(demo_dir: str = "demo_output", quick: bool = False, cache_dir: str | No
         2, "Self-instruct: the base model writes new tasks through inference.py's OpenAI-compatible server", durations
     ):
         generate_with_base_model(base, out, requests=1 if quick else 3, max_tokens=48 if quick else 320)
+    num_records = 8 if quick else 96  # trained on; the held-out slice of step 6 comes after them
     with step(3, "Fine-tuning the base model on the project's alpaca_data.json", durations):
-        tuned = fine_tune(base, out, num_records=8 if quick else 96, steps=1 if quick else 24)
+        tuned = fine_tune(base, out, num_records=num_records, steps=1 if quick else 24)
     with step(4, "Releasing the fine-tuned model as a weight diff, and recovering it", durations):
         recovered = release_and_recover(base, tuned, out)
     with step(5, "Base vs fine-tuned responses (greedy)", durations):
         compare(base, recovered, out, SHOWCASE[:2] if quick else SHOWCASE, max_new_tokens=8 if quick else 96)
+    with step(6, "Held-out evaluation: loss, and win rate judged by a small local judge", durations):
+        evaluate_held_out(base, recovered, out, num_records, 2 if quick else 8, max_new_tokens=8 if quick else 64)
     print_durations(durations)
     print(f"\nEverything is in {out}/:")
-    print("  generate/ (regen.json, regen_summary.json), tuned/, diff/ (with manifest), recovered/, showcase_*.json")
+    print(
+        "  generate/ (regen.json, regen_summary.json), tuned/, diff/ (with manifest), recovered/, showcase_*.json, "
+        "held_out_*.json, evaluation/ (annotations.json, leaderboard.json)"
+    )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,14 @@ by the OS) so that the real `openai` client talks to it over real sockets. Behav
   a chat-only model); `max_context` makes requests whose prompt plus `max_tokens` exceed it fail
   with a context-length 400 (`context_message`: "openai" or "vllm" wording); `accepts_prompt_list=False` refuses a list of prompts (422,
   as servers that take one prompt per request do); `prompt_list_as_array=True` answers a list of
-  prompts as llama.cpp's llama-server does: a JSON array of completion objects, one per prompt.
+  prompts as older llama.cpp servers did: a JSON array of completion objects, one per prompt;
+  `llama_cpp=True` answers as today's llama.cpp server does: a list of prompts in one object with
+  one choice per prompt whose `usage` counts only the first prompt, with llama.cpp's `timings`
+  object and a `system_fingerprint` of "b" + build number.
+- `logprobs(prompt, model)` gives the top logprobs ({token: logprob}) of an answer's first token
+  (the whole answer is one token), sent when a request asks for logprobs, in the completions or
+  the chat API's shape; `refuse_logprobs=True` refuses such a request with a 400, as
+  `inference.py --serve` does.
 - `inject(kind, times)` makes the next `times` requests fail in one of the ways of `FAILURES`.
 - Every request is recorded in `requests` (path, JSON body, authorization header, time).
 
@@ -76,6 +83,15 @@ def self_instruct_writer(prompt: str, model: str) -> str:
     return "###\n".join(blocks)
 
 
+def judged_pair(prompt: str) -> tuple[str, str, str]:
+    """(instruction, first response, second response) of a prompt made from the project's judge
+    template (configs/judge_prompt.txt), for writers that play a judge."""
+    match = re.search(r"Request:\n(.*?)\n\nExtra input.*?\nAnswer 1:\n(.*?)\n\nAnswer 2:\n(.*?)\n\nWhich", prompt, re.S)
+    if match is None:
+        raise ValueError("not a judge prompt")
+    return match[1], match[2], match[3]
+
+
 class OpenAIServer:
     """A threaded OpenAI-compatible test server; see the module docstring."""
 
@@ -92,6 +108,9 @@ class OpenAIServer:
         chat_repeats_prefix: bool = True,
         prompt_list_as_array: bool = False,
         context_message: str = "openai",
+        llama_cpp: bool = False,
+        logprobs: Callable[[str, str], dict[str, float]] | None = None,
+        refuse_logprobs: bool = False,
     ):
         self.writer = writer
         self.latency = latency
@@ -105,6 +124,9 @@ class OpenAIServer:
         self.chat_repeats_prefix = chat_repeats_prefix
         self.prompt_list_as_array = prompt_list_as_array
         self.context_message = context_message
+        self.llama_cpp = llama_cpp
+        self.logprobs = logprobs
+        self.refuse_logprobs = refuse_logprobs
         self.requests: list[dict] = []
         self._failures: list[tuple[str, dict]] = []
         self._lock = threading.Lock()
@@ -247,6 +269,11 @@ class OpenAIServer:
                     prompts = prompts if isinstance(prompts, list) else [prompts]
                 else:
                     prompts = [request["messages"][-1]["content"]]
+                wants_logprobs = bool(request.get("logprobs"))
+                if wants_logprobs and server.refuse_logprobs:
+                    return self._send(
+                        400, _error("'logprobs' is not supported by this server", "invalid_request_error", None)
+                    )
                 prompt_tokens = sum(len(p.split()) for p in prompts)
                 max_tokens = int(request.get("max_tokens") or 16)
                 if (
@@ -270,10 +297,18 @@ class OpenAIServer:
                     "completion_tokens": completion_tokens,
                     "total_tokens": prompt_tokens + completion_tokens,
                 }
+                top = [
+                    server.logprobs(p, request["model"]) if wants_logprobs and server.logprobs else None
+                    for p in prompts
+                ]
+                if server.llama_cpp and route == "completions":
+                    # llama.cpp's usage counts only the first prompt of a list.
+                    used, written = len(prompts[0].split()), len(outputs[0][0].split())
+                    usage = {"prompt_tokens": used, "completion_tokens": written, "total_tokens": used + written}
                 if route == "completions":
                     choices = [
-                        {"text": t, "index": i, "logprobs": None, "finish_reason": f}
-                        for i, (t, f) in enumerate(outputs)
+                        {"text": t, "index": i, "logprobs": _completions_logprobs(t, alternatives), "finish_reason": f}
+                        for i, ((t, f), alternatives) in enumerate(zip(outputs, top))
                     ]
                     payload = {
                         "id": "cmpl-test",
@@ -297,13 +332,23 @@ class OpenAIServer:
                     ((text, finish),) = outputs
                     if server.chat_repeats_prefix:
                         text = prompts[0].rstrip().rsplit("\n", 1)[-1] + text
-                    choices = [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}]
+                    choices = [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": text},
+                            "logprobs": _chat_logprobs(text, top[0]),
+                            "finish_reason": finish,
+                        }
+                    ]
                     payload = {
                         "id": "chatcmpl-test",
                         "object": "chat.completion",
                         "created": int(time.time()),
                         "model": request["model"],
                     }
+                if server.llama_cpp:
+                    payload["system_fingerprint"] = "b4567-1a2b3c4d"
+                    payload["timings"] = {"prompt_n": usage["prompt_tokens"], "predicted_n": usage["completion_tokens"]}
                 self._send(200, {**payload, "choices": choices, "usage": usage})
 
             def _send(self, status: int, payload: dict | list, headers: dict | None = None):
@@ -322,6 +367,23 @@ class OpenAIServer:
                     pass  # the client gave up (timeout); nothing to answer
 
         return Handler
+
+
+def _completions_logprobs(text: str, alternatives: dict[str, float] | None) -> dict | None:
+    """The completions API's logprobs of an answer that is one token."""
+    if alternatives is None:
+        return None
+    chosen = alternatives.get(text, min(alternatives.values(), default=0.0))
+    return {"tokens": [text], "token_logprobs": [chosen], "top_logprobs": [alternatives], "text_offset": [0]}
+
+
+def _chat_logprobs(text: str, alternatives: dict[str, float] | None) -> dict | None:
+    """The chat API's logprobs of an answer that is one token."""
+    if alternatives is None:
+        return None
+    top = [{"token": token, "logprob": logprob, "bytes": None} for token, logprob in alternatives.items()]
+    chosen = alternatives.get(text, min(alternatives.values(), default=0.0))
+    return {"content": [{"token": text, "logprob": chosen, "bytes": None, "top_logprobs": top}]}
 
 
 def _error(message: str, kind: str, code: str | None) -> dict:

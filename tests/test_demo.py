@@ -1,5 +1,6 @@
 """`make demo` in its reduced form (`demo.py --quick True`): the whole loop on the real embedded
-model, with one generation request, one training step and short answers."""
+model, with one generation request, one training step, short answers and a held-out slice of two
+records."""
 
 import json
 import subprocess
@@ -29,11 +30,11 @@ def test_quick_demo_runs_the_whole_loop(embedded_model_dir, tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=1800,  # minutes on a loaded 2-core machine: six scripts start and load the model in step 6 alone
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for number in range(1, 6):
-        assert f"== [{number}/5]" in result.stdout and f"-- step {number} took " in result.stdout
+    for number in range(1, 7):
+        assert f"== [{number}/6]" in result.stdout and f"-- step {number} took " in result.stdout
     assert "Time per step" in result.stdout and " s  total" in result.stdout
     summary = json.loads((demo_dir / "generate" / "regen_summary.json").read_text())
     assert summary["counts"]["requests"] == 1 and summary["counts"]["completion_tokens"] > 0
@@ -44,4 +45,14 @@ def test_quick_demo_runs_the_whole_loop(embedded_model_dir, tmp_path):
     for name in ("base", "fine-tuned"):
         answers = json.loads((demo_dir / f"showcase_{name}.json").read_text())
         assert len(answers) == 2 and all("output" in a for a in answers)
+    # Step 6: the held-out slice (after the 8 training records), its losses and the judged win rate.
+    held_out = json.loads((demo_dir / "held_out.json").read_text())
+    training = json.loads((demo_dir / "train_slice.json").read_text())
+    assert len(held_out) == 2 and not {r["instruction"] for r in held_out} & {r["instruction"] for r in training}
+    for name in ("base", "fine-tuned"):
+        assert json.loads((demo_dir / f"held_out_loss_{name}.json").read_text())["examples"] == 2
+    board = json.loads((demo_dir / "evaluation" / "leaderboard.json").read_text())
+    assert board["n_pairs"] == 2 and board["judge_run"]["requests_this_run"] >= 4
+    assert "Held-out loss per response token" in result.stdout and "small local judge" in result.stdout
+    assert "position consistency" in result.stdout
     assert f"Everything is in {demo_dir}" in result.stdout

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from rouge_score import rouge_scorer
 
+import endpoint
 import generate_instruction
 import utils
 from generate_instruction import (
@@ -336,6 +337,33 @@ def test_llama_server_array_answer_to_a_list_of_prompts(files, tmp_path):
     assert (tmp_path / "array" / "regen.json").read_bytes() == (tmp_path / "choices" / "regen.json").read_bytes()
     array_counts, choices_counts = (summary_of(tmp_path / name)["counts"] for name in ("array", "choices"))
     assert array_counts == choices_counts and "malformed_responses" not in array_counts
+
+
+def test_llama_cpp_server_token_counts_are_right(files, tmp_path):
+    """Today's llama.cpp server answers a list of prompts in one object whose usage counts only
+    the first prompt: the generator recognises it, asks one prompt per request from then on, and
+    counts the same tokens as against a server that counts every prompt."""
+    with OpenAIServer(llama_cpp=True) as llama:
+        generate(llama, files, tmp_path / "llama", num_instructions_to_generate=40, request_batch_size=3)
+    with OpenAIServer() as server:
+        generate(server, files, tmp_path / "plain", num_instructions_to_generate=40, request_batch_size=3)
+    llama_summary, plain_summary = summary_of(tmp_path / "llama"), summary_of(tmp_path / "plain")
+    assert (tmp_path / "llama" / "regen.json").read_bytes() == (tmp_path / "plain" / "regen.json").read_bytes()
+    for key in ("prompt_tokens", "completion_tokens", "kept", "generated"):
+        assert llama_summary["counts"][key] == plain_summary["counts"][key], key
+    assert "llama.cpp" in llama_summary["one_prompt_per_request"] and plain_summary["one_prompt_per_request"] is None
+    prompts_sent = [r["body"]["prompt"] for r in llama.completions_requests()]
+    assert isinstance(prompts_sent[0], list) and all(isinstance(p, str) for p in prompts_sent[1:])
+
+
+def test_llama_cpp_is_recognised_by_either_of_its_markers():
+    from openai.types import Completion as CompletionResponse
+
+    base = {"id": "x", "object": "text_completion", "created": 0, "model": "m", "choices": []}
+    assert endpoint.is_llama_cpp(CompletionResponse.model_validate({**base, "timings": {"prompt_n": 3}}))
+    assert endpoint.is_llama_cpp(CompletionResponse.model_validate({**base, "system_fingerprint": "b4567"}))
+    for fingerprint in ("fp_44709d6fcb", "b", "build-1"):  # OpenAI's and others' fingerprints
+        assert not endpoint.is_llama_cpp(CompletionResponse.model_validate({**base, "system_fingerprint": fingerprint}))
 
 
 def test_same_output_for_any_concurrency(files, tmp_path):
