@@ -12,6 +12,7 @@ import pytest
 import analyze_data
 import demo
 import embedded_model
+import evaluate
 import generate_instruction
 import inference
 import train
@@ -31,6 +32,8 @@ FIRE_COMMANDS = [
     (["inference.py"], inference.main, {"torch", "transformers", "peft", "deepspeed"}),
     (["analyze_data.py"], analyze_data.main, {"torch", "transformers"}),
     (["demo.py"], demo.main, {"torch"}),
+    (["evaluate.py", "win_rate"], evaluate.win_rate, {"torch", "transformers"}),
+    (["evaluate.py", "loss"], evaluate.loss, {"torch", "transformers"}),
     (["embedded_model.py"], embedded_model.main, {"torch"}),
 ]
 

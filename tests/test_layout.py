@@ -10,8 +10,18 @@ import pytest
 
 from helpers import ROOT
 
-SCRIPTS = {"generate_instruction", "train", "weight_diff", "inference", "analyze_data", "demo"}
-SHARED_MODULES = {"utils", "tokens", "trainer_hooks", "rouge_dedup", "embedded_model"}
+SCRIPTS = {"generate_instruction", "train", "weight_diff", "inference", "analyze_data", "demo", "evaluate"}
+SHARED_MODULES = {
+    "utils",
+    "tokens",
+    "trainer_hooks",
+    "rouge_dedup",
+    "embedded_model",
+    "generation",
+    "server",
+    "model_card",
+    "endpoint",
+}
 
 
 def project_imports(module: str) -> set[str]:
@@ -48,10 +58,15 @@ def loaded_modules(statement: str) -> set[str]:
     "module, absent",
     [
         ("utils", {"torch", "openai", "transformers"}),
+        ("model_card", {"torch", "openai", "transformers"}),
         ("generate_instruction", {"torch", "transformers"}),
+        ("endpoint", {"torch", "transformers"}),
+        ("evaluate", {"torch", "transformers", "peft"}),
         ("train", {"torch", "openai", "peft", "deepspeed"}),
         ("weight_diff", {"torch", "openai", "peft", "deepspeed"}),
         ("inference", {"torch", "openai", "peft", "deepspeed"}),
+        ("server", {"torch", "openai", "transformers"}),
+        ("generation", {"torch", "openai", "transformers"}),
         ("analyze_data", {"torch", "transformers", "openai"}),
     ],
 )
