@@ -288,7 +288,7 @@ def evaluate_held_out(
             ["evaluate.py", "win_rate", "--model_outputs", out / "held_out_fine-tuned.json",
              "--reference_outputs", out / "held_out_base.json", "--judge_model", "SmolLM2-135M-Instruct",
              "--api_base", api_base, "--api_style", "completions", "--output_dir", out / "evaluation",
-             "--max_concurrency", 2],
+             "--max_concurrency", 8],
             log=out / "evaluation.log",
         )  # fmt: skip
     board = json.loads((out / "evaluation" / "leaderboard.json").read_text())

@@ -145,6 +145,9 @@ class InferenceServer(ThreadingHTTPServer):
     """The model, its tokenizer and its scheduler, behind an HTTP server."""
 
     daemon_threads = True
+    # socketserver's default backlog of 5 makes the kernel reset connections when many clients
+    # connect at once (the generator and evaluate.py keep 8 or more in flight).
+    request_queue_size = 128
 
     def __init__(
         self,
