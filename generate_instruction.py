@@ -28,14 +28,10 @@ from concurrent.futures import Future
 import numpy as np
 import tqdm
 
-import endpoint
 import utils
-from endpoint import Completion, Endpoint, RequestFailed, ctrl_c_deferred, in_background
+from endpoint import Completion, Endpoint, RequestFailed, StopRun, cost, ctrl_c_deferred, in_background
 from rouge_dedup import RougeLIndex
 from utils import UsageError
-
-# The endpoint's "the run cannot go on", under the name the generator has always raised.
-StopGeneration = endpoint.StopRun
 
 # Whole words that point at tasks a text-only model cannot do (the original's list).
 BLACKLIST = [
@@ -413,7 +409,7 @@ def generate_instruction_following_data(
             "api_style": client.style,
             "one_prompt_per_request": client.one_prompt_per_call_reason,
             "max_tokens": client.max_tokens,
-            "cost": endpoint.cost(
+            "cost": cost(
                 counts["prompt_tokens"],
                 counts["completion_tokens"],
                 price_per_1k_prompt_tokens,
@@ -466,7 +462,7 @@ def generate_instruction_following_data(
                         str(completion.failures[-1]) if completion.failures else "the completions held no usable task"
                     )
                     if consecutive_failures >= max_consecutive_failures:
-                        raise StopGeneration(
+                        raise StopRun(
                             f"{consecutive_failures} requests in a row failed or gave nothing usable; last: {last_error}"
                         )
                 # The summary is accounting only: once a second is enough. After a crash it may lag,
@@ -476,7 +472,7 @@ def generate_instruction_following_data(
                     write_summary("running")
                     summary_written = time.monotonic()
         status = "complete" if len(kept) >= num_instructions_to_generate else "request limit reached"
-    except StopGeneration as e:
+    except StopRun as e:
         status = f"stopped: {e}"
         raise
     finally:
@@ -494,7 +490,7 @@ def generate_instruction_following_data(
 def main() -> None:
     utils.run_fire(
         {"generate_instruction_following_data": generate_instruction_following_data},
-        errors=(StopGeneration, OSError),
+        errors=(StopRun, OSError),
         # The run saved regen.json and regen_summary.json on its way out.
         interrupted="interrupted; what was done is saved in regen.json: rerun the same command to resume",
     )

@@ -25,7 +25,7 @@ import utils
 from generate_instruction import (
     STOP_SEQUENCES,
     Completion,
-    StopGeneration,
+    StopRun,
     candidate_tasks,
     encode_prompt,
     post_process_response,
@@ -407,7 +407,7 @@ def test_local_server_needs_no_key(server, files, tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY")
     generate(server, files, tmp_path / "out", num_instructions_to_generate=1)
     assert server.requests[0]["authorization"] == "Bearer EMPTY"
-    with pytest.raises(StopGeneration, match="OPENAI_API_KEY is not set"):
+    with pytest.raises(StopRun, match="OPENAI_API_KEY is not set"):
         generate(server, files, tmp_path / "out", api_base=None)
 
 
@@ -478,7 +478,7 @@ def unreachable_address(kind: str) -> tuple[str, str]:
 @pytest.mark.parametrize("kind", ["refused", "unresolvable"])
 def test_unreachable_endpoint_stops_after_two_quick_retries(files, tmp_path, kind):
     address, reason = unreachable_address(kind)
-    with pytest.raises(StopGeneration, match=f"cannot connect to {re.escape(address)}: {reason}.* \\(3 attempts\\)"):
+    with pytest.raises(StopRun, match=f"cannot connect to {re.escape(address)}: {reason}.* \\(3 attempts\\)"):
         generate(None, files, tmp_path / "out", api_base=address, max_retries=6)
     summary = summary_of(tmp_path / "out")
     assert summary["status"].startswith(f"stopped: cannot connect to {address}")
@@ -548,7 +548,7 @@ def test_authentication_error_stops_at_once(files, tmp_path):
     out.mkdir()
     (out / "regen.json").write_text("[]")
     with OpenAIServer(api_key="the-right-key") as server:
-        with pytest.raises(StopGeneration, match="refused the request \\(401\\): Incorrect API key"):
+        with pytest.raises(StopRun, match="refused the request \\(401\\): Incorrect API key"):
             generate(server, files, out, max_retries=5)
     assert len(server.requests) == 1 and json.loads((out / "regen.json").read_text()) == []
     assert summary_of(out)["status"].startswith("stopped: ")
@@ -556,20 +556,20 @@ def test_authentication_error_stops_at_once(files, tmp_path):
 
 def test_exhausted_quota_stops_at_once(server, files, tmp_path):
     server.inject("rate_limit", quota=True)
-    with pytest.raises(StopGeneration, match="quota exhausted: You exceeded your current quota"):
+    with pytest.raises(StopRun, match="quota exhausted: You exceeded your current quota"):
         generate(server, files, tmp_path / "out")
     assert len(server.requests) == 1
 
 
 def test_unknown_model_stops_at_once(server, files, tmp_path):
-    with pytest.raises(StopGeneration, match="model 'no-such-model' is not available"):
+    with pytest.raises(StopRun, match="model 'no-such-model' is not available"):
         generate(server, files, tmp_path / "out", model_name="no-such-model")
     assert len(server.requests) == 2  # completions, then chat (auto style), both 404
 
 
 def test_consecutive_failures_stop_the_run(server, files, tmp_path):
     server.inject("server_error", times=100)
-    with pytest.raises(StopGeneration, match="3 requests in a row failed"):
+    with pytest.raises(StopRun, match="3 requests in a row failed"):
         generate(server, files, tmp_path / "out", max_retries=0, max_consecutive_failures=3)
     assert len(server.requests) == 3
 
