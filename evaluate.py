@@ -57,10 +57,8 @@ def load_outputs(path: str) -> dict[tuple[str, str], dict]:
     default_generator = os.path.splitext(os.path.basename(path))[0]
     outputs: dict[tuple[str, str], dict] = {}
     positions: dict[tuple[str, str], int] = {}
-    for index, record in enumerate(utils.load_evaluation_records(path)):
-        problems = utils.record_problems(record, required=("instruction", "output"), optional=("input", "generator"))
-        if problems:
-            raise UsageError(utils.describe_problem(path, index, problems[0]))
+    records = utils.load_evaluation_records(path, required=("instruction", "output"), optional=("input", "generator"))
+    for index, record in enumerate(records):
         key = (record["instruction"], record.get("input") or "")
         if key in outputs:
             raise UsageError(
@@ -479,11 +477,7 @@ def loss(
     """
     if batch_size < 1 or model_max_length < 2:
         raise UsageError("--batch_size must be at least 1 and --model_max_length at least 2")
-    records = utils.load_evaluation_records(data_path)
-    for index, record in enumerate(records):
-        problems = utils.record_problems(record, nonempty=("instruction", "output"))
-        if problems:
-            raise UsageError(utils.describe_problem(data_path, index, problems[0]))
+    records = utils.load_evaluation_records(data_path, nonempty=("instruction", "output"))
     if not records:
         raise UsageError(f"{data_path}: no records")
     utils.check_model_source(model_name_or_path)

@@ -155,12 +155,7 @@ def ask(prompt: str) -> str | None:
 def read_instructions(path: str, required: tuple[str, ...] = ("instruction",)) -> list[dict]:
     """The `{instruction, input?}` records of a JSON or JSON Lines file (a Self-Instruct task:
     one record per instance), checked."""
-    records = utils.load_evaluation_records(path)
-    for index, record in enumerate(records):
-        problems = utils.record_problems(record, required=required)
-        if problems:
-            raise UsageError(utils.describe_problem(path, index, problems[0]))
-    return records
+    return utils.load_evaluation_records(path, required=required)
 
 
 def record_key(record: dict) -> tuple[str, str]:

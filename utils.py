@@ -252,11 +252,12 @@ def load_records(path: str) -> list:
     return records
 
 
-def load_evaluation_records(path: str) -> list:
+def load_evaluation_records(path: str, **rules: tuple[str, ...]) -> list[dict]:
     """The records of an evaluation set read as published: Self-Instruct's user-oriented set
     (`{id, motivation_app, instruction, instances: [{input, output}]}`) gives one
     `{instruction, input, output, ...}` record per instance, its output the reference; the
-    AlpacaEval set, model outputs and training data are read as they are."""
+    AlpacaEval set, model outputs and training data are read as they are. Each record is then
+    checked by `record_problems(record, **rules)`."""
     records = []
     for index, record in enumerate(load_records(path)):
         if not (isinstance(record, dict) and "instances" in record):
@@ -269,6 +270,10 @@ def load_evaluation_records(path: str) -> list:
         records += [
             {**task, "input": instance["input"], "output": instance["output"]} for instance in record["instances"]
         ]
+    for index, record in enumerate(records):
+        problems = record_problems(record, **rules)
+        if problems:
+            raise UsageError(describe_problem(path, index, problems[0]))
     return records
 
 
