@@ -5,9 +5,10 @@
 3. Fine-tune it with `train.py` on a slice of the project's alpaca_data.json.
 4. Release the result as a weight diff (`weight_diff.py make_diff`) and recover it (`recover`,
    checked against the diff's manifest).
-5. Show the base and the fine-tuned model's responses to a few instructions side by side.
-6. Evaluate on a held-out slice of alpaca_data.json that training did not see: the held-out loss
-   of both models (`evaluate.py loss`), and the fine-tuned model's win rate against the base
+5. Both models answer a few showcase instructions, printed side by side, and a held-out slice
+   of alpaca_data.json that training did not see (one `inference.py` run each).
+6. Evaluate on that held-out slice: the held-out loss of both models (`evaluate.py loss`), and
+   the fine-tuned model's win rate against the base on their step-5 answers
    (`evaluate.py win_rate`), judged by the base model served by `inference.py --serve`.
 
 Every step runs the project's own command line, printed before it runs, and leaves its output in
@@ -223,33 +224,32 @@ def release_and_recover(base: str, tuned: pathlib.Path, out: pathlib.Path) -> pa
     return recovered
 
 
-def compare(
-    base: str, recovered: pathlib.Path, out: pathlib.Path, instructions: list[dict], max_new_tokens: int
+def answer(
+    base: str,
+    recovered: pathlib.Path,
+    out: pathlib.Path,
+    showcase: list[dict],
+    held_out: list[dict],
+    max_new_tokens: int,
 ) -> None:
-    questions = out / "showcase.json"
-    utils.jdump(instructions, questions)
+    """Both models answer the showcase instructions and the held-out slice, in one
+    `inference.py --input_file` run each (loading a model costs more than the answers here):
+    prints the showcase answers side by side and keeps the held-out answers for step 6."""
+    questions = out / "questions.json"
+    utils.jdump(showcase + held_out, questions)
     answers = {}
     for name, model in (("base", base), ("fine-tuned", recovered)):
-        answer_file = out / f"showcase_{name}.json"
+        answer_file = out / f"answers_{name}.json"
         answer_file.unlink(missing_ok=True)
         run(
-            [
-                "inference.py",
-                "--model_name_or_path",
-                model,
-                "--input_file",
-                questions,
-                "--output_file",
-                answer_file,
-                "--max_new_tokens",
-                max_new_tokens,
-                "--batch_size",
-                len(instructions),
-            ],
-            log=out / f"showcase_{name}.log",
-        )
+            ["inference.py", "--model_name_or_path", model, "--input_file", questions, "--output_file", answer_file,
+             "--max_new_tokens", max_new_tokens, "--batch_size", len(showcase) + len(held_out), "--generator", name],
+            log=out / f"answers_{name}.log",
+        )  # fmt: skip
         answers[name] = utils.jload(answer_file)
-    for number, question in enumerate(instructions):
+        utils.jdump(answers[name][: len(showcase)], out / f"showcase_{name}.json")
+        utils.jdump(answers[name][len(showcase) :], out / f"held_out_{name}.json")
+    for number, question in enumerate(showcase):
         print(
             f"\n### Instruction: {question['instruction']}"
             + (f"\n### Input: {question['input']}" if question["input"] else "")
@@ -258,30 +258,20 @@ def compare(
             print(f"--- {name}:\n{answers[name][number]['output'].strip()}")
 
 
-def evaluate_held_out(
-    base: str, recovered: pathlib.Path, out: pathlib.Path, first: int, count: int, max_new_tokens: int
-) -> None:
+def evaluate_held_out(base: str, recovered: pathlib.Path, out: pathlib.Path, held_out: list[dict]) -> None:
     """Held-out loss of both models, and the fine-tuned model's win rate against the base on
-    `count` records of alpaca_data.json from index `first` on (training used those before)."""
-    held_out = out / "held_out.json"
-    utils.jdump(utils.jload(ROOT / "alpaca_data.json")[first : first + count], held_out)
-    print(f"held-out slice: records {first}-{first + count - 1} of alpaca_data.json ({count} records)")
+    their answers to the held-out slice (step 5's `held_out_*.json`)."""
+    held_out_file = out / "held_out.json"
+    utils.jdump(held_out, held_out_file)
     losses = {}
     for name, model in (("base", base), ("fine-tuned", recovered)):
         result = out / f"held_out_loss_{name}.json"
         run(
-            ["evaluate.py", "loss", "--model_name_or_path", model, "--data_path", held_out, "--model_max_length", 256,
-             "--output_file", result],
+            ["evaluate.py", "loss", "--model_name_or_path", model, "--data_path", held_out_file, "--model_max_length",
+             256, "--output_file", result],
             log=out / f"held_out_loss_{name}.log",
         )  # fmt: skip
         losses[name] = json.loads(result.read_text())
-        answers = out / f"held_out_{name}.json"
-        answers.unlink(missing_ok=True)
-        run(
-            ["inference.py", "--model_name_or_path", model, "--input_file", held_out, "--output_file", answers,
-             "--max_new_tokens", max_new_tokens, "--batch_size", count, "--generator", name],
-            log=out / f"held_out_{name}.log",
-        )  # fmt: skip
     shutil.rmtree(out / "evaluation", ignore_errors=True)  # judge afresh: the answers are new
     with serving(base, out / "judge_server.log") as api_base:
         run(
@@ -329,20 +319,23 @@ def main(demo_dir: str = "demo_output", quick: bool = False, cache_dir: str | No
         2, "Self-instruct: the base model writes new tasks through inference.py's OpenAI-compatible server", durations
     ):
         generate_with_base_model(base, out, requests=1 if quick else 3, max_tokens=48 if quick else 320)
-    num_records = 8 if quick else 96  # trained on; the held-out slice of step 6 comes after them
+    num_records = 8 if quick else 96  # trained on; the held-out slice comes after them
+    held_out = utils.jload(ROOT / "alpaca_data.json")[num_records : num_records + (2 if quick else 8)]
     with step(3, "Fine-tuning the base model on the project's alpaca_data.json", durations):
         tuned = fine_tune(base, out, num_records=num_records, steps=1 if quick else 24)
     with step(4, "Releasing the fine-tuned model as a weight diff, and recovering it", durations):
         recovered = release_and_recover(base, tuned, out)
-    with step(5, "Base vs fine-tuned responses (greedy)", durations):
-        compare(base, recovered, out, SHOWCASE[:2] if quick else SHOWCASE, max_new_tokens=8 if quick else 96)
+    with step(5, "Base vs fine-tuned responses (greedy), to the showcase and the held-out slice", durations):
+        print(f"held-out slice: records {num_records}-{num_records + len(held_out) - 1} of alpaca_data.json")
+        showcase = SHOWCASE[:2] if quick else SHOWCASE
+        answer(base, recovered, out, showcase, held_out, max_new_tokens=8 if quick else 96)
     with step(6, "Held-out evaluation: loss, and win rate judged by a small local judge", durations):
-        evaluate_held_out(base, recovered, out, num_records, 2 if quick else 8, max_new_tokens=8 if quick else 64)
+        evaluate_held_out(base, recovered, out, held_out)
     print_durations(durations)
     print(f"\nEverything is in {out}/:")
     print(
-        "  generate/ (regen.json, regen_summary.json), tuned/, diff/ (with manifest), recovered/, showcase_*.json, "
-        "held_out_*.json, evaluation/ (annotations.json, leaderboard.json)"
+        "  generate/ (regen.json, regen_summary.json), tuned/, diff/ (with manifest), recovered/, answers_*.json (split into showcase_*.json "
+        "and held_out_*.json), evaluation/ (annotations.json, leaderboard.json)"
     )
 
 

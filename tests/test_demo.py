@@ -30,7 +30,7 @@ def test_quick_demo_runs_the_whole_loop(embedded_model_dir, tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=1800,  # minutes on a loaded 2-core machine: six scripts start and load the model in step 6 alone
+        timeout=1800,  # minutes on a loaded 2-core machine: nine script starts, each loading the model
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for number in range(1, 7):
@@ -43,8 +43,10 @@ def test_quick_demo_runs_the_whole_loop(embedded_model_dir, tmp_path):
     assert (demo_dir / "recovered" / "config.json").exists()
     assert "exact integrity check: all" in result.stdout and "naive integrity check" in result.stdout
     for name in ("base", "fine-tuned"):
-        answers = json.loads((demo_dir / f"showcase_{name}.json").read_text())
-        assert len(answers) == 2 and all("output" in a for a in answers)
+        answers = json.loads((demo_dir / f"answers_{name}.json").read_text())
+        assert len(answers) == 4 and all(a["generator"] == name for a in answers), "showcase and held-out, one run"
+        assert json.loads((demo_dir / f"showcase_{name}.json").read_text()) == answers[:2]
+        assert json.loads((demo_dir / f"held_out_{name}.json").read_text()) == answers[2:]
     # Step 6: the held-out slice (after the 8 training records), its losses and the judged win rate.
     held_out = json.loads((demo_dir / "held_out.json").read_text())
     training = json.loads((demo_dir / "train_slice.json").read_text())
