@@ -331,6 +331,13 @@ def adapt_to_hardware(trainer: dict[str, Any], model: ModelArguments) -> None:
             trainer["tf32"] = None
         if trainer.get("fp16"):
             raise UsageError("--fp16 True needs a GPU; on CPU use --bf16 True or full precision.")
+        if trainer.get("bf16") and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            # It still runs (autocast emulates bfloat16), so the original command line keeps working.
+            print(
+                f"warning: --bf16 True on this CPU ({torch.backends.cpu.get_cpu_capability()}, no native bfloat16) is "
+                "emulated and slower than full precision; drop the flag for CPU runs.",
+                file=sys.stderr,
+            )
     elif torch.cuda.is_available():
         if trainer.get("tf32") and torch.cuda.get_device_capability()[0] < 8:
             raise UsageError("--tf32 True needs an NVIDIA Ampere (or newer) GPU; this GPU has no TF32. Drop the flag.")

@@ -1,6 +1,7 @@
 """train.py's speed paths on CPU: the best-fit packer, padding-free batches with cumulative
-sequence lengths (checked against padded batches), the GPU-only flags' one-line errors,
-gradient checkpointing under FSDP and LoRA, and bench/gpu.sh's dry run."""
+sequence lengths (checked against padded batches), the GPU-only flags' one-line errors and
+--bf16's warning on CPU, gradient checkpointing under FSDP and LoRA, --torch_compile, and
+bench/gpu.sh's dry run."""
 
 import json
 import math
@@ -182,6 +183,20 @@ def test_gpu_only_flags_on_cpu_are_one_clear_line(tiny_llama_dir, tmp_path, flag
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
 
 
+def test_bf16_on_a_cpu_without_native_bfloat16_runs_with_one_warning(tiny_llama_dir, tmp_path, capsys):
+    argv = ["--model_name_or_path", str(tiny_llama_dir), "--data_path", "d.json", "--output_dir", str(tmp_path)]
+    args = train.parse_arguments(argv + ["--bf16", "True"])
+    assert args.trainer["bf16"] and args.trainer["use_cpu"], "the original command line keeps working"
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "--bf16" in line]
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert warnings == []
+    else:
+        assert warnings == [
+            f"warning: --bf16 True on this CPU ({torch.backends.cpu.get_cpu_capability()}, no native bfloat16) is "
+            "emulated and slower than full precision; drop the flag for CPU runs."
+        ]
+
+
 def test_the_script_says_so_in_one_line_before_loading_anything(tiny_llama_dir, tmp_path):
     result = run_script(
         [
@@ -237,6 +252,28 @@ def test_gradient_checkpointing_with_lora_trains_to_the_same_losses(tiny_llama_d
     assert len(plain) == 3 and plain[-1] != plain[0], "the adapter trains"
     for a, b in zip(plain, checkpointed, strict=True):
         assert abs(a - b) < 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile
+
+
+@pytest.mark.slow  # inductor compiles C++ kernels for the model: about a minute on 2 cores
+def test_torch_compile_trains_to_the_same_losses(tiny_llama_dir, data_file, tmp_path):
+    common = [
+        *("--model_name_or_path", str(tiny_llama_dir), "--data_path", str(data_file)),
+        *("--max_steps", "3", "--per_device_train_batch_size", "4", "--learning_rate", "1e-2"),
+        *("--logging_steps", "1", "--save_strategy", "no", "--report_to", "none"),
+    ]
+    train.train(common + ["--output_dir", str(tmp_path / "eager")])
+    trainer = train.train(common + ["--output_dir", str(tmp_path / "compiled"), "--torch_compile", "True"])
+    assert hasattr(trainer.model_wrapped, "_orig_mod") or hasattr(trainer.model, "_orig_mod"), "the model ran compiled"
+    eager, compiled = logged_losses(tmp_path / "eager"), logged_losses(tmp_path / "compiled")
+    assert len(eager) == 3 and eager[-1] != eager[0]
+    for a, b in zip(eager, compiled, strict=True):
+        assert abs(a - b) < 1e-4  # fused kernels reorder float32 sums
+    _, loading = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "compiled", output_loading_info=True)
+    assert not loading["missing_keys"] and not loading["unexpected_keys"], "saved under the model's own names"
 
 
 @pytest.mark.distributed
