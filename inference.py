@@ -21,7 +21,14 @@ import fire
 from tqdm import tqdm
 
 import utils
-from generation import complete_batch, decoding_kwargs, end_token_ids, stream_completion, stripped
+from generation import (
+    complete_batch,
+    decoding_kwargs,
+    end_token_ids,
+    pack_linear_layers,
+    stream_completion,
+    stripped,
+)
 from utils import UsageError, format_prompt, jdump
 
 # torch and transformers take seconds to import, so they are imported where they are used: a
@@ -324,6 +331,10 @@ def main(
 
         transformers.set_seed(seed)
     model, tokenizer = load_or_explain(model_name_or_path, lora_weights, dtype)
+    if packed := pack_linear_layers(model):
+        print(
+            f"{packed} linear layers prepacked for oneDNN's CPU matmul (generation.pack_linear_layers)", file=sys.stderr
+        )
     decoding = decoding_kwargs(temperature, top_p, top_k, num_beams, repetition_penalty)
     if serve:
         import server

@@ -3,9 +3,9 @@ log-probabilities, echo, token-id prompts and usage in streams) and a small web 
 (server_page.html, beside this file).
 
 One scheduler thread owns the model. Requests are parsed in their own threads and handed to it
-as rows (one per prompt and choice); rows that are waiting when a batch starts are generated
-together in one left-padded batch (generation.decode_together), and each request reads its
-rows' tokens as they come. The standard library's http.server does the HTTP: per request it
+as rows (one per prompt and choice); rows are generated together in one left-padded batch
+(generation.decode_together) that new rows join after any step while it has room (continuous
+batching), and each request reads its rows' tokens as they come. The standard library's http.server does the HTTP: per request it
 costs well under a millisecond against tens of milliseconds per generated token (see
 docs/inference.md#throughput).
 """
@@ -100,15 +100,22 @@ def is_token_list(value: Any) -> bool:
 # The scheduler: one thread, one model, requests that wait generated together
 
 
+NOTHING = object()  # the scheduler holds no job back
+
+
 class Scheduler:
-    """Runs submitted rows on the model, batching the rows that are waiting when a batch starts
-    (at most `batch_size` rows from several requests; one request's rows always go together)."""
+    """Runs submitted rows on the model in one batch of at most `batch_size` rows, from several
+    requests (one request's rows always go together): rows waiting when a batch starts go in
+    it, and later ones join it after any step while there is room (continuous batching)."""
 
     def __init__(self, model, tokenizer, batch_size: int, stopping: threading.Event):
         self.model, self.batch_size, self.stopping = model, batch_size, stopping
         self.end_ids = end_token_ids(model, tokenizer)[0]
         self.jobs: queue.Queue = queue.Queue()
+        self.held: Any = NOTHING  # a job taken from the queue that did not fit yet (or None: stop)
         self.model_lock = threading.Lock()  # beam search runs outside the scheduler, under this lock
+        self.exclusive_waiting = 0  # beam searches waiting for the model: admit no rows meanwhile
+        self.exclusive_done = threading.Condition()
         self.thread = threading.Thread(target=self.run, daemon=True, name="scheduler")
         self.thread.start()
 
@@ -119,24 +126,55 @@ class Scheduler:
         self.jobs.put(None)
         self.thread.join()
 
-    def run(self) -> None:
-        while (rows := self.jobs.get()) is not None:
-            while len(rows) < self.batch_size:
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """The model to oneself (for beam search): the running batch takes no new rows, so it
+        ends and hands the model over, and the next batch waits until no one else wants it."""
+        with self.exclusive_done:
+            self.exclusive_waiting += 1
+        try:
+            with self.model_lock:
+                yield
+        finally:
+            with self.exclusive_done:
+                self.exclusive_waiting -= 1
+                self.exclusive_done.notify_all()
+
+    def next_job(self) -> list[Row] | None:
+        """The next job (the one held back first), waiting for one; None when closing."""
+        if self.held is not NOTHING:
+            job, self.held = self.held, NOTHING
+            return job
+        return self.jobs.get()
+
+    def admit(self, room: int) -> list[Row]:
+        """The rows of the jobs already waiting that fit in `room` rows, in order: a job that does
+        not fit is held back, and the jobs behind it wait with it."""
+        rows: list[Row] = []
+        while not self.exclusive_waiting:
+            if self.held is NOTHING:
                 try:
-                    more = self.jobs.get_nowait()
+                    self.held = self.jobs.get_nowait()
                 except queue.Empty:
                     break
-                if more is None:
-                    self.jobs.put(None)  # seen again by the outer loop, after this batch
-                    break
-                rows = rows + more
+            if self.held is None or len(rows) + len(self.held) > room:
+                break
+            rows += self.held
+            self.held = NOTHING
+        return rows
+
+    def run(self) -> None:
+        while (rows := self.next_job()) is not None:
+            rows = rows + self.admit(self.batch_size - len(rows))
             if self.stopping.is_set():
                 for row in rows:
                     row.out.put(None)
                 continue
+            with self.exclusive_done:
+                self.exclusive_done.wait_for(lambda: not self.exclusive_waiting)
             try:
                 with self.model_lock:
-                    decode_together(self.model, rows, self.end_ids, self.stopping)
+                    decode_together(self.model, rows, self.end_ids, self.stopping, self.admit, self.batch_size)
             except Exception:  # the rows' requests report it; the scheduler goes on
                 traceback.print_exc()
 
@@ -532,7 +570,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         )
         prompt_texts = [tokenizer.decode(p) for p in prompts]
         expanded = [p for p in prompt_texts for _ in range(sampling["n"])]
-        with self.server.scheduler.model_lock:
+        with self.server.scheduler.exclusive():
             completions = complete_batch(
                 model, tokenizer, expanded, max(max_tokens, 1), sampling["stop"], self.server.stopping, **decoding
             )

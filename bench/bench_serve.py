@@ -1,8 +1,11 @@
 """Serving throughput on the embedded SmolLM2-135M-Instruct, greedy, the same Alpaca prompts:
 
 - single stream: the previous server's way (transformers' `generate` with a streamer, one
-  request at a time) vs server.py's decoding loop, one streaming client over HTTP;
-- 8 concurrent clients vs 1 against server.py (aggregate completion tokens per second);
+  request at a time, plain `nn.Linear` layers) vs server.py's decoding loop with the linear
+  layers prepacked for oneDNN, as inference.py serves, one streaming client over HTTP;
+- 8 concurrent clients vs 1 against server.py (aggregate completion tokens per second over 16
+  prompts: each of the 8 clients sends its next prompt as soon as the last one is answered, so
+  requests arrive while others are being generated, as they do from the generator);
 - with a `llama-server` binary on PATH, the ratio of server.py's single stream to it (the same
   model, converted to GGUF by llama.cpp's tools: pass it with --gguf).
 
@@ -29,6 +32,14 @@ INSTRUCTIONS = [
     "How do I make a cup of tea?",
     "Name three famous painters.",
     "What is the capital of France, and why is it famous?",
+    "Suggest a name for a small bookshop.",
+    "Why is the sky blue?",
+    "Give me a recipe for pancakes.",
+    "What are the benefits of regular exercise?",
+    "Summarise the plot of Romeo and Juliet.",
+    "How does a bicycle stay upright?",
+    "Write a haiku about autumn.",
+    "Explain the difference between weather and climate.",
 ]
 
 
@@ -70,7 +81,7 @@ def main():
     args = parser.parse_args()
 
     from embedded_model import embedded_model_path
-    from generation import stream_completion
+    from generation import pack_linear_layers, stream_completion
     from inference import load_model_and_tokenizer
     from server import InferenceServer
     from utils import format_prompt
@@ -88,6 +99,7 @@ def main():
         baseline_tokens += min(args.max_tokens, len(tokenizer(baseline_texts[-1])["input_ids"]))
     baseline = baseline_tokens / (time.perf_counter() - start)
 
+    packed = pack_linear_layers(model)  # as inference.py does after loading
     defaults = dict(temperature=0.0, top_p=1.0, top_k=0, num_beams=1, repetition_penalty=1.0)
     httpd = InferenceServer(("127.0.0.1", 0), model, tokenizer, "bench", args.max_tokens, 8, defaults)
     httpd.RequestHandlerClass.log_message = lambda *a: None
@@ -103,6 +115,7 @@ def main():
         httpd.shutdown()
         httpd.stop_generating()
         httpd.server_close()
+    print(f"server.py: {packed} linear layers prepacked for oneDNN (0: plain nn.Linear)")
     print(f"single stream: {baseline:.1f} tok/s before (generate + streamer), {ours:.1f} tok/s server.py; same text")
     print(f"serve-single: ratio={ours / baseline:.2f} (baseline={baseline:.1f} tok/s, ours={ours:.1f} tok/s)")
     print(

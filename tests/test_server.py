@@ -1,7 +1,7 @@
 """The server behind `inference.py --serve` (server.py) on a tiny random LLaMA, through the real
 openai client, raw HTTP and a real headless browser: the OpenAI API with log-probabilities,
-echo, token-id prompts and usage in streams, requests generated together with the results they
-get alone, the chat template, and bounded load and malformed-input runs on 127.0.0.1.
+echo, token-id prompts and usage in streams, requests generated together (and joining a
+running batch) with the results they get alone, the chat template, and bounded load and malformed-input runs on 127.0.0.1.
 
 Budget: about 2 minutes on 2 CPU cores (three server subprocesses, one generator run, a
 headless Chromium)."""
@@ -11,6 +11,7 @@ import html.parser
 import http.client
 import json
 import os
+import queue
 import random
 import shutil
 import signal
@@ -160,6 +161,78 @@ def test_concurrent_requests_are_generated_together_with_the_results_they_get_al
     assert len({len(c.logprobs.tokens) for c in alone}) > 1, "rows should leave the batch at different steps"
     for a, b in zip(together, alone):
         assert a.logprobs.token_logprobs == pytest.approx(b.logprobs.token_logprobs, abs=1e-4)
+
+
+class Recorded(queue.Queue):
+    """A row's output queue that also notes, in one shared list, the order of everything put."""
+
+    def __init__(self, name: str, events: list):
+        super().__init__()
+        self.name, self.events = name, events
+
+    def put(self, item, *args, **kwargs):
+        self.events.append((self.name, item))
+        super().put(item, *args, **kwargs)
+
+
+def test_rows_that_arrive_mid_batch_join_it_with_the_tokens_they_get_alone(tmp_path):
+    from generation import Row, Token, decode_together
+    from helpers import build_tiny_llama
+
+    build_tiny_llama(tmp_path, initializer_range=0.3)
+    model, tokenizer = load_model_and_tokenizer(str(tmp_path))
+    prompts = {"first": "The fox number 1", "late": "def add(a, b):", "later": "Write a response that"}
+
+    def rows(events):
+        return {
+            name: Row(tokenizer(text)["input_ids"], 12, out=Recorded(name, events)) for name, text in prompts.items()
+        }
+
+    def tokens_of(events, name):
+        return [item for who, item in events if who == name and isinstance(item, Token)]
+
+    alone = []
+    for row in rows(alone).values():
+        decode_together(model, [row], end_ids=set())  # no end token: every row runs its 12 tokens
+    together, rooms = [], []
+    batch = rows(together)
+
+    def admit(room):
+        rooms.append(room)
+        return [batch["late"], batch["later"]] if len(rooms) == 3 else []
+
+    decode_together(model, [batch["first"]], end_ids=set(), admit=admit, max_rows=4)
+    assert rooms[:3] == [3, 3, 3] and rooms[3] == 1, "asked after every step for the room left"
+    first_done = together.index(("first", None))
+    assert any(who == "late" for who, _ in together[:first_done]), "the late rows joined before the first ended"
+    for name in prompts:
+        joined, single = tokens_of(together, name), tokens_of(alone, name)
+        assert [t.id for t in joined] == [t.id for t in single] and len(joined) == 12
+        assert [t.logprob for t in joined] == pytest.approx([t.logprob for t in single], abs=1e-4)
+
+
+def test_prepacked_linear_layers_keep_the_models_outputs_and_make_rows_independent_of_their_batch(tmp_path):
+    import torch
+
+    from generation import pack_linear_layers
+    from helpers import build_tiny_llama
+
+    build_tiny_llama(tmp_path, initializer_range=0.3)
+    model, tokenizer = load_model_and_tokenizer(str(tmp_path))
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    ids = torch.tensor([tokenizer("The fox number 1 jumps over")["input_ids"]] * 8)
+    ids[1:, 2:] = torch.randint(5, 100, (7, ids.shape[1] - 2))
+    with torch.inference_mode():
+        plain = model(input_ids=ids).logits
+        plain_text = complete_batch(model, tokenizer, ["The fox number 1"], 16, do_sample=False)[0].text
+        linears = sum(type(m) is torch.nn.Linear for m in model.modules())
+        assert pack_linear_layers(model) == linears > 0
+        packed = model(input_ids=ids).logits
+        assert (packed - plain).abs().max() < 1e-4
+        assert torch.equal(model(input_ids=ids[:1]).logits[0], packed[0]), "a row alone equals the row in a batch"
+        assert complete_batch(model, tokenizer, ["The fox number 1"], 16, do_sample=False)[0].text == plain_text
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(tensor, state[name]) for name, tensor in model.state_dict().items())
 
 
 def test_a_client_that_goes_away_stops_its_generation(server, client):
