@@ -1,7 +1,8 @@
 """Training throughput and model FLOPs utilisation (MFU) on the embedded SmolLM2-135M, on the
 real length distribution of the project's alpaca_data.json: padded batches (the original's),
 --padding_free (each batch flattened into one row) and --packing (rows of --model_max_length
-tokens, best-fit decreasing).
+tokens, best-fit decreasing, --batch_size rows a step as train.py batches them, so that this mode
+also takes fewer optimizer steps for the same examples).
 
 MFU is model FLOPs per second over this machine's dense matmul peak for the training dtype,
 measured in the same run: 6 x N x tokens (N: the parameters that multiply each token, the tied
@@ -70,10 +71,14 @@ def make_batches(examples: list[dict], batch_size: int, max_length: int, pad_tok
     packed = tokens.DataCollatorForPackedRows(pad_token_id=pad_token_id)
     groups = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
     rows = tokens.pack_examples(examples, max_length)
+    # train.py --packing batches per_device_train_batch_size rows, as the other modes batch examples.
+    row_groups = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
     return {
         "padded": [(padded(g), [len(e["input_ids"]) for e in g]) for g in groups],
         "padding_free": [(flat(g), [len(e["input_ids"]) for e in g]) for g in groups],
-        "packing": [(packed([r]), tokens.sequence_lengths(r["position_ids"])) for r in rows],
+        "packing": [
+            (packed(g), [n for r in g for n in tokens.sequence_lengths(r["position_ids"])]) for g in row_groups
+        ],
     }
 
 
@@ -112,7 +117,12 @@ def train_steps(model, optimizer, batches) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", type=int, default=64, help="records of alpaca_data.json to train on")
-    parser.add_argument("--batch_size", type=int, default=4, help="examples per padded / padding-free batch")
+    parser.add_argument(
+        "--batch_size",
+        type=int,
+        default=4,
+        help="examples per padded / padding-free batch; packed rows per packing batch",
+    )
     parser.add_argument("--model_max_length", type=int, default=512, help="row length of the packing mode")
     parser.add_argument("--chunks", type=int, default=4, help="interleaved chunks per mode")
     parser.add_argument("--model_dir", default=None, help="a checkpoint instead of the embedded SmolLM2-135M")
@@ -155,7 +165,8 @@ def main():
     print(
         f"{len(lengths)} examples ({sum(lengths):,} tokens, mean {sum(lengths) / len(lengths):.0f}) of "
         f"alpaca_data.json; {len(batches['padded'])} batches of {args.batch_size}, "
-        f"{len(batches['packing'])} packed rows of <= {args.model_max_length} tokens"
+        f"{sum(b['input_ids'].shape[0] for b, _ in batches['packing'])} packed rows of <= {args.model_max_length} "
+        f"tokens in {len(batches['packing'])} batches"
     )
     print(f"float32 dense matmul peak of this machine: {peak / 1e9:,.1f} GFLOP/s")
     for mode in MODES:
