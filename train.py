@@ -326,6 +326,7 @@ def adapt_to_hardware(trainer: dict[str, Any], model: ModelArguments) -> None:
             )
     if on_cpu(trainer):
         trainer["use_cpu"] = True
+        utils.use_huge_pages_for_cpu_tensors()
         if trainer.get("tf32"):
             print("warning: --tf32 has no effect without an NVIDIA GPU; ignoring it.", file=sys.stderr)
             trainer["tf32"] = None

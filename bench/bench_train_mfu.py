@@ -23,6 +23,7 @@ import torch
 import transformers
 
 import tokens
+import utils
 from bench.common import ROOT
 
 MODES = ("padded", "padding_free", "packing")
@@ -130,6 +131,7 @@ def main():
 
     from embedded_model import embedded_model_path
 
+    utils.use_huge_pages_for_cpu_tensors()  # as train.py does on CPU
     torch.manual_seed(0)
     model_dir = args.model_dir or embedded_model_path()
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, padding_side="right")

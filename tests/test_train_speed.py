@@ -197,6 +197,18 @@ def test_bf16_on_a_cpu_without_native_bfloat16_runs_with_one_warning(tiny_llama_
         ]
 
 
+@pytest.mark.parametrize("already", [None, "0"])
+def test_cpu_training_backs_large_tensors_with_huge_pages_unless_told_otherwise(
+    tiny_llama_dir, tmp_path, monkeypatch, already
+):
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", already or "")  # so that the test's end restores it
+    if already is None:
+        monkeypatch.delenv("THP_MEM_ALLOC_ENABLE")
+    argv = ["--model_name_or_path", str(tiny_llama_dir), "--data_path", "d.json", "--output_dir", str(tmp_path)]
+    train.parse_arguments(argv)
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == (already or "1")
+
+
 def test_the_script_says_so_in_one_line_before_loading_anything(tiny_llama_dir, tmp_path):
     result = run_script(
         [
