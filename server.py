@@ -5,9 +5,9 @@ log-probabilities, echo, token-id prompts and usage in streams) and a small web 
 One scheduler thread owns the model. Requests are parsed in their own threads and handed to it
 as rows (one per prompt and choice); rows are generated together in one left-padded batch
 (generation.decode_together) that new rows join after any step while it has room (continuous
-batching), and each request reads its rows' tokens as they come. The standard library's http.server does the HTTP: per request it
-costs well under a millisecond against tens of milliseconds per generated token (see
-docs/inference.md#throughput).
+batching), and each request reads its rows' tokens as they come. The standard library's
+http.server does the HTTP: per request it costs well under a millisecond against tens of
+milliseconds per generated token (see docs/inference.md#throughput).
 """
 
 from __future__ import annotations
