@@ -12,6 +12,7 @@ milliseconds per generated token (see docs/inference.md#throughput).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import math
@@ -22,7 +23,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -104,44 +105,37 @@ NOTHING = object()  # the scheduler holds no job back
 
 
 class Scheduler:
-    """Runs submitted rows on the model in one batch of at most `batch_size` rows, from several
-    requests (one request's rows always go together): rows waiting when a batch starts go in
-    it, and later ones join it after any step while there is room (continuous batching)."""
+    """The one thread that runs the model. It generates submitted rows in one batch of at most
+    `batch_size` rows, from several requests (one request's rows always go together): rows
+    waiting when a batch starts go in it, and later ones join it after any step while there is
+    room (continuous batching). Work that needs the model to itself (beam search) is a job of
+    its own, run between batches in the order it came."""
 
     def __init__(self, model, tokenizer, batch_size: int, stopping: threading.Event):
         self.model, self.batch_size, self.stopping = model, batch_size, stopping
         self.end_ids = end_token_ids(model, tokenizer)[0]
+        # Jobs: a list of rows, a (work, future) pair for run_alone, or None to stop.
         self.jobs: queue.Queue = queue.Queue()
-        self.held: Any = NOTHING  # a job taken from the queue that did not fit yet (or None: stop)
-        self.model_lock = threading.Lock()  # beam search runs outside the scheduler, under this lock
-        self.exclusive_waiting = 0  # beam searches waiting for the model: admit no rows meanwhile
-        self.exclusive_done = threading.Condition()
+        self.held: Any = NOTHING  # a job taken from the queue that cannot join the running batch
         self.thread = threading.Thread(target=self.run, daemon=True, name="scheduler")
         self.thread.start()
 
     def submit(self, rows: list[Row]) -> None:
         self.jobs.put(rows)
 
+    def run_alone(self, work: Callable[[], Any]) -> Any:
+        """`work()` run on the scheduler's thread with the model to itself, once the batch before
+        it has ended (the jobs after it wait); its result, or its exception raised here."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self.jobs.put((work, future))
+        return future.result()
+
     def close(self) -> None:
         self.jobs.put(None)
         self.thread.join()
 
-    @contextlib.contextmanager
-    def exclusive(self) -> Iterator[None]:
-        """The model to oneself (for beam search): the running batch takes no new rows, so it
-        ends and hands the model over, and the next batch waits until no one else wants it."""
-        with self.exclusive_done:
-            self.exclusive_waiting += 1
-        try:
-            with self.model_lock:
-                yield
-        finally:
-            with self.exclusive_done:
-                self.exclusive_waiting -= 1
-                self.exclusive_done.notify_all()
-
-    def next_job(self) -> list[Row] | None:
-        """The next job (the one held back first), waiting for one; None when closing."""
+    def next_job(self) -> Any:
+        """The next job (the one held back first), waiting for one."""
         if self.held is not NOTHING:
             job, self.held = self.held, NOTHING
             return job
@@ -149,32 +143,36 @@ class Scheduler:
 
     def admit(self, room: int) -> list[Row]:
         """The rows of the jobs already waiting that fit in `room` rows, in order: a job that does
-        not fit is held back, and the jobs behind it wait with it."""
+        not fit, or is no rows, is held back, and the jobs behind it wait with it."""
         rows: list[Row] = []
-        while not self.exclusive_waiting:
+        while True:
             if self.held is NOTHING:
                 try:
                     self.held = self.jobs.get_nowait()
                 except queue.Empty:
                     break
-            if self.held is None or len(rows) + len(self.held) > room:
+            if not isinstance(self.held, list) or len(rows) + len(self.held) > room:
                 break
             rows += self.held
             self.held = NOTHING
         return rows
 
     def run(self) -> None:
-        while (rows := self.next_job()) is not None:
-            rows = rows + self.admit(self.batch_size - len(rows))
+        while (job := self.next_job()) is not None:
+            if isinstance(job, tuple):
+                work, future = job
+                try:
+                    future.set_result(work())
+                except Exception as error:  # raised in the thread that asked
+                    future.set_exception(error)
+                continue
+            rows = job + self.admit(self.batch_size - len(job))
             if self.stopping.is_set():
                 for row in rows:
                     row.out.put(None)
                 continue
-            with self.exclusive_done:
-                self.exclusive_done.wait_for(lambda: not self.exclusive_waiting)
             try:
-                with self.model_lock:
-                    decode_together(self.model, rows, self.end_ids, self.stopping, self.admit, self.batch_size)
+                decode_together(self.model, rows, self.end_ids, self.stopping, self.admit, self.batch_size)
             except Exception:  # the rows' requests report it; the scheduler goes on
                 traceback.print_exc()
 
@@ -570,10 +568,11 @@ class RequestHandler(BaseHTTPRequestHandler):
         )
         prompt_texts = [tokenizer.decode(p) for p in prompts]
         expanded = [p for p in prompt_texts for _ in range(sampling["n"])]
-        with self.server.scheduler.exclusive():
-            completions = complete_batch(
+        completions = self.server.scheduler.run_alone(
+            lambda: complete_batch(
                 model, tokenizer, expanded, max(max_tokens, 1), sampling["stop"], self.server.stopping, **decoding
             )
+        )
         chat = kind == "chat.completion"
         choices = []
         for index, c in enumerate(completions):
