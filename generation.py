@@ -356,6 +356,8 @@ class Batch:
     """Rows being generated together: one left-padded KV cache, each row's attention mask and
     position, and the logits of each row's next token."""
 
+    PER_ROW = ("rows", "generators", "history", "produced")  # lists with one entry per row, in batch order
+
     def __init__(self, model, rows: list[Row]):
         """Run the rows' prompts through the model (reporting the prompt's log-probabilities of
         the rows that echo)."""
@@ -398,7 +400,7 @@ class Batch:
         index = torch.tensor(kept, device=self.mask.device)
         self.cache.batch_select_indices(index)
         self.mask, self.positions, self.logits = self.mask[index], self.positions[index], self.logits[index]
-        for name in ("rows", "generators", "history", "produced"):
+        for name in self.PER_ROW:
             setattr(self, name, [getattr(self, name)[b] for b in kept])
 
     def advance(self, tokens: list[int]) -> None:
@@ -437,7 +439,7 @@ class Batch:
         self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(other.mask, width, 1)])
         self.positions = torch.cat([self.positions, other.positions])
         self.logits = torch.cat([self.logits, other.logits])
-        for name in ("rows", "generators", "history", "produced"):
+        for name in self.PER_ROW:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
