@@ -231,8 +231,8 @@ class DataCollatorForPackedRows:
     """Batch packed rows (see `pack_examples`) without a dense attention mask: position ids
     restart at every example, which sdpa and eager attention turn into a block-diagonal causal
     mask; with `flash_attn_kwargs`, also the cumulative sequence lengths of the flattened batch,
-    which FlashAttention's varlen kernel takes instead of any mask, so a packed row costs what
-    its examples cost. Rows are right-padded to the batch's longest; the padding is a sequence of
+    which FlashAttention's varlen kernel (or `per_example_sdpa_attention`) takes instead of any
+    mask, so a packed row costs what its examples cost. Rows are right-padded to the batch's longest; the padding is a sequence of
     its own that nothing attends to and the loss skips."""
 
     pad_token_id: int
@@ -260,3 +260,79 @@ class DataCollatorForPackedRows:
             batch.update(cu_seq_lens_q=cumulative, cu_seq_lens_k=cumulative)
             batch.update(max_length_q=max(lengths), max_length_k=max(lengths))
         return batch
+
+
+PER_EXAMPLE_SDPA = "sdpa_per_example"
+
+
+def per_example_sdpa_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """sdpa for padding-free batches on any device: each example that `cu_seq_lens_q` marks
+    attends to itself alone, causally and without a mask, as FlashAttention's varlen kernel does
+    on a GPU. Under the dense block-diagonal mask every token of a 512-token row is scored against
+    all 512 positions; here an example of n tokens costs n^2/2, so a packed row costs what its
+    examples cost. Without `cu_seq_lens_q` (a batch from another collator) this is plain sdpa with
+    the model's mask. Transformers' attention-function signature: (batch, heads, length, dim) in,
+    (batch, length, heads, dim) out."""
+    if cu_seq_lens_q is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    heads, row_length = query.shape[1], query.shape[2]
+    # PyTorch's fused CPU kernel takes no grouped-query attention: every query head gets its keys.
+    key, value = (x.repeat_interleave(heads // x.shape[1], dim=1) for x in (key, value))
+    rows = []
+    for lengths, q, k, v in zip(
+        lengths_per_row(cu_seq_lens_q.tolist(), row_length), query.unbind(0), key.unbind(0), value.unbind(0)
+    ):
+        # split and unbind rather than indexing: their backward joins the pieces' gradients,
+        # where indexing would add each one into a zero tensor the size of the whole.
+        examples = zip(q.split(lengths, dim=1), k.split(lengths, dim=1), v.split(lengths, dim=1))
+        rows.append(
+            torch.cat(
+                [
+                    torch.nn.functional.scaled_dot_product_attention(
+                        qe[None], ke[None], ve[None], is_causal=True, scale=scaling, dropout_p=dropout
+                    )[0]
+                    for qe, ke, ve in examples
+                ],
+                dim=1,
+            )
+        )
+    return torch.stack(rows).transpose(1, 2).contiguous(), None
+
+
+def lengths_per_row(cumulative: Sequence[int], row_length: int) -> list[list[int]]:
+    """The example lengths of each row of a flattened batch, from its cumulative lengths."""
+    rows: list[list[int]] = [[]]
+    filled = 0
+    for start, end in zip(cumulative[:-1], cumulative[1:]):
+        if filled == row_length:
+            rows.append([])
+            filled = 0
+        filled += end - start
+        if filled > row_length:
+            raise ValueError(f"cu_seq_lens_q: the example at {start} runs past the end of its row of {row_length}")
+        rows[-1].append(end - start)
+    return rows
+
+
+def use_per_example_attention(model: transformers.PreTrainedModel) -> None:
+    """Switch the model's sdpa attention to `per_example_sdpa_attention` for padding-free batches.
+    The mask function stays sdpa's, so a batch without cumulative lengths is still masked right."""
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    transformers.AttentionInterface.register(PER_EXAMPLE_SDPA, per_example_sdpa_attention)
+    AttentionMaskInterface.register(PER_EXAMPLE_SDPA, sdpa_mask)
+    model.set_attn_implementation(PER_EXAMPLE_SDPA)

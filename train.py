@@ -58,9 +58,10 @@ class ModelArguments:
     attn_implementation: str = field(
         default="sdpa",
         metadata={
-            "help": "Attention kernel: sdpa (default; PyTorch's scaled_dot_product_attention), eager, or "
-            "flash_attention_2 (needs an NVIDIA GPU and the flash_attn package; batches without padding "
-            "then hand it cumulative sequence lengths instead of a mask).",
+            "help": "Attention kernel: sdpa (default; PyTorch's scaled_dot_product_attention; with "
+            "--padding_free or --packing it runs once per example, so a packed row costs what its examples "
+            "cost), eager, or flash_attention_2 (needs an NVIDIA GPU and the flash_attn package; batches "
+            "without padding then hand it cumulative sequence lengths instead of a mask).",
             "choices": ["sdpa", "eager", "flash_attention_2"],
         },
     )
@@ -597,8 +598,14 @@ def train(
     tokenizer = load_tokenizer(args.model)
     num_new_tokens = tokenizer.add_special_tokens(tokens.missing_special_tokens(tokenizer))
     model_card.install_chat_template(tokenizer, log=training_args.process_index == 0)  # saved with every checkpoint
+    padding_free = args.data.padding_free or args.data.packing
     flash = args.model.attn_implementation.startswith("flash_attention")
-    data_module = make_supervised_data_module(tokenizer, args.data, training_args, flash_attn_kwargs=flash)
+    # Padding-free batches under sdpa attend per example (tokens.per_example_sdpa_attention),
+    # which, like FlashAttention's varlen kernel, takes the examples' cumulative lengths.
+    per_example = padding_free and args.model.attn_implementation == "sdpa"
+    data_module = make_supervised_data_module(
+        tokenizer, args.data, training_args, flash_attn_kwargs=flash or per_example
+    )
 
     # Seeded before the model is built: LoRA's initial weights (and a model made with new rows)
     # then follow --seed, like the Trainer's own steps.
@@ -607,8 +614,10 @@ def train(
     check_fsdp_layer_classes(model, training_args)
     tokens.init_new_token_embeddings(model, len(tokenizer), num_new_tokens)
     tokens.set_special_token_ids(model, tokenizer)
-    if args.data.padding_free or args.data.packing:
+    if padding_free:
         check_padding_free_support(model)
+    if per_example:
+        tokens.use_per_example_attention(model)
     if args.lora.use_lora:
         model = add_lora(model, args.lora)
 

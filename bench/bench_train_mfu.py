@@ -2,7 +2,8 @@
 real length distribution of the project's alpaca_data.json: padded batches (the original's),
 --padding_free (each batch flattened into one row) and --packing (rows of --model_max_length
 tokens, best-fit decreasing, --batch_size rows a step as train.py batches them, so that this mode
-also takes fewer optimizer steps for the same examples).
+also takes fewer optimizer steps for the same examples). As in train.py, both padding-free modes
+run sdpa once per example (tokens.per_example_sdpa_attention).
 
 MFU is model FLOPs per second over this machine's dense matmul peak for the training dtype,
 measured in the same run: 6 x N x tokens (N: the parameters that multiply each token, the tied
@@ -68,8 +69,9 @@ def model_flops(model: transformers.PreTrainedModel, lengths: list[int]) -> floa
 def make_batches(examples: list[dict], batch_size: int, max_length: int, pad_token_id: int) -> dict[str, list]:
     """Each mode's batches over the same examples: (collated batch, example lengths) pairs."""
     padded = tokens.DataCollatorForSupervisedDataset(pad_token_id=pad_token_id)
-    flat = transformers.DataCollatorWithFlattening(separator_id=tokens.IGNORE_INDEX)
-    packed = tokens.DataCollatorForPackedRows(pad_token_id=pad_token_id)
+    # As train.py batches them for sdpa: with the cumulative lengths that per-example attention takes.
+    flat = transformers.DataCollatorWithFlattening(separator_id=tokens.IGNORE_INDEX, return_flash_attn_kwargs=True)
+    packed = tokens.DataCollatorForPackedRows(pad_token_id=pad_token_id, flash_attn_kwargs=True)
     groups = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
     rows = tokens.pack_examples(examples, max_length)
     # train.py --packing batches per_device_train_batch_size rows, as the other modes batch examples.
@@ -88,10 +90,12 @@ def check_packed_losses(model, examples: list[dict], max_length: int, pad_token_
     [row, *_] = tokens.pack_best_fit_decreasing([len(e["input_ids"]) for e in examples], max_length)
     group = [examples[i] for i in row]
     padded = tokens.DataCollatorForSupervisedDataset(pad_token_id=pad_token_id)(group)
-    packed = tokens.DataCollatorForPackedRows(pad_token_id=pad_token_id)(tokens.pack_examples(group, max_length))
+    packed = tokens.DataCollatorForPackedRows(pad_token_id=pad_token_id, flash_attn_kwargs=True)(
+        tokens.pack_examples(group, max_length)
+    )
     with torch.no_grad():
         padded_logits = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
-        packed_logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits[0]
+        packed_logits = model(**{k: v for k, v in packed.items() if k != "labels"}).logits[0]
     start = 0
     for i, example in enumerate(group):
         n = len(example["input_ids"])
@@ -148,6 +152,8 @@ def main():
         return model.train()
 
     models = {mode: fresh_model() for mode in MODES}
+    for mode in MODES[1:]:  # as train.py does for padding-free batches under sdpa
+        tokens.use_per_example_attention(models[mode])
     check_packed_losses(models["packing"], examples, args.model_max_length, tokenizer.pad_token_id)
     optimizers = {mode: torch.optim.AdamW(models[mode].parameters(), lr=1e-5) for mode in MODES}
     for mode in MODES:  # warm-up: one step each, not timed

@@ -75,31 +75,12 @@ def test_the_projects_data_packs_into_nearly_full_rows(tiny_llama_dir):
 # Padding-free batches give the padded loss
 
 
-def varlen_reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """What FlashAttention's varlen kernel computes, on CPU: causal attention within each span of
-    the flattened batch that `cu_seq_lens_q` marks, and no mask at all."""
-    assert attention_mask is None and kwargs.get("cu_seq_lens_q") is not None, "the kernel gets lengths, not a mask"
-    batch, heads, length, dim = query.shape
-    q, k, v = (x.transpose(1, 2).reshape(batch * length, x.shape[1], dim) for x in (query, key, value))
-    out = torch.empty_like(q)
-    bounds = kwargs["cu_seq_lens_q"].tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        span_q, span_k, span_v = (x[start:end].transpose(0, 1) for x in (q, k, v))
-        out[start:end] = torch.nn.functional.scaled_dot_product_attention(
-            span_q, span_k, span_v, is_causal=True, scale=scaling, enable_gqa=True
-        ).transpose(0, 1)
-    return out.reshape(batch, length, heads, dim), None
-
-
-transformers.AttentionInterface.register("varlen_reference", varlen_reference_attention)
-
-
 def example_loss(logits, labels):
     """One example's mean loss over its trained tokens, from its own logits and labels."""
     return torch.nn.functional.cross_entropy(logits[:-1], labels[1:], ignore_index=tokens.IGNORE_INDEX).item()
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager", "varlen_reference"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager", tokens.PER_EXAMPLE_SDPA])
 @pytest.mark.parametrize("mode", ["packing", "padding_free"])
 def test_padding_free_batches_give_each_example_its_padded_loss(tiny_llama_dir, attention, mode):
     tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_llama_dir)
@@ -123,7 +104,10 @@ def test_padding_free_batches_give_each_example_its_padded_loss(tiny_llama_dir, 
         batch = transformers.DataCollatorWithFlattening(separator_id=-100, return_flash_attn_kwargs=True)(examples)
         spans = [(0, [len(e["input_ids"]) for e in examples])]
     assert batch["cu_seq_lens_q"].dtype == torch.int32 and batch["cu_seq_lens_q"][-1] == batch["input_ids"].numel()
-    model.set_attn_implementation(attention)
+    if attention == tokens.PER_EXAMPLE_SDPA:
+        tokens.use_per_example_attention(model)
+    else:
+        model.set_attn_implementation(attention)
     with torch.no_grad():
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
     flat_ids, flat_labels = batch["input_ids"].reshape(-1), batch["labels"].reshape(-1)
@@ -141,6 +125,33 @@ def test_padding_free_batches_give_each_example_its_padded_loss(tiny_llama_dir, 
         assert abs(found[tuple(example["input_ids"])] - loss) < 1e-5
 
 
+def test_per_example_attention_gives_the_gradients_of_the_dense_block_diagonal_mask(tiny_llama_dir):
+    """Backward through the per-example split (the part a forward-only check misses): every
+    parameter's gradient on a packed batch equals that of sdpa under the dense mask."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    tokens.smart_tokenizer_and_embedding_resize(tokens.missing_special_tokens(tokenizer), tokenizer, model)
+    examples, _ = tokens.preprocess(RECORDS, tokenizer, 512)
+    rows = tokens.pack_examples(examples, 3 * max(len(e["input_ids"]) for e in examples))
+    batch = tokens.DataCollatorForPackedRows(tokenizer.pad_token_id, flash_attn_kwargs=True)(rows)
+    gradients = []
+    for per_example in (False, True):
+        if per_example:
+            tokens.use_per_example_attention(model)
+        model.zero_grad()
+        model(**batch, use_cache=False).loss.backward()
+        gradients.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    assert model.config._attn_implementation == tokens.PER_EXAMPLE_SDPA
+    for name, dense in gradients[0].items():
+        assert torch.allclose(gradients[1][name], dense, atol=1e-6, rtol=1e-4), name
+
+
+def test_per_example_attention_refuses_an_example_that_crosses_rows():
+    assert tokens.lengths_per_row([0, 3, 8, 10, 16], 8) == [[3, 5], [2, 6]]
+    with pytest.raises(ValueError, match="the example at 3 runs past the end of its row of 8"):
+        tokens.lengths_per_row([0, 3, 10, 16], 8)
+
+
 def test_training_on_packed_rows_gives_the_padded_loss(tiny_llama_dir, data_file, tmp_path, capsys):
     """One step over all eight examples, padded in one batch or packed into rows of 256 tokens (four rows):
     the same mean loss over the same response tokens."""
@@ -150,7 +161,8 @@ def test_training_on_packed_rows_gives_the_padded_loss(tiny_llama_dir, data_file
         *("--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--model_max_length", "256"),
     ]
     train.train(common + ["--output_dir", str(tmp_path / "padded")])
-    train.train(common + ["--output_dir", str(tmp_path / "packed"), "--packing", "True"])
+    trainer = train.train(common + ["--output_dir", str(tmp_path / "packed"), "--packing", "True"])
+    assert trainer.model.config._attn_implementation == tokens.PER_EXAMPLE_SDPA, "sdpa runs once per example"
     assert "--packing: 8 examples -> 4 rows of <= 256 tokens" in capsys.readouterr().out
     [padded], [packed] = logged_losses(tmp_path / "padded"), logged_losses(tmp_path / "packed")
     assert abs(padded - packed) < 1e-5
