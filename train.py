@@ -543,6 +543,18 @@ def check_padding_free_support(model: transformers.PreTrainedModel) -> None:
         )
 
 
+def attends_per_example(args: Arguments) -> bool:
+    """Whether padding-free batches run sdpa once per example (tokens.per_example_sdpa_attention),
+    which, like FlashAttention's varlen kernel, takes the examples' cumulative lengths. Not under
+    --torch_compile: a graph specialised on one batch's example lengths would be compiled again
+    for every batch, so compiled models keep sdpa's block-diagonal mask."""
+    return (
+        (args.data.padding_free or args.data.packing)
+        and args.model.attn_implementation == "sdpa"
+        and not args.trainer.get("torch_compile")
+    )
+
+
 def add_lora(model: transformers.PreTrainedModel, lora_args: LoraArguments) -> torch.nn.Module:
     import peft
 
@@ -600,9 +612,7 @@ def train(
     model_card.install_chat_template(tokenizer, log=training_args.process_index == 0)  # saved with every checkpoint
     padding_free = args.data.padding_free or args.data.packing
     flash = args.model.attn_implementation.startswith("flash_attention")
-    # Padding-free batches under sdpa attend per example (tokens.per_example_sdpa_attention),
-    # which, like FlashAttention's varlen kernel, takes the examples' cumulative lengths.
-    per_example = padding_free and args.model.attn_implementation == "sdpa"
+    per_example = attends_per_example(args)
     data_module = make_supervised_data_module(
         tokenizer, args.data, training_args, flash_attn_kwargs=flash or per_example
     )

@@ -146,6 +146,21 @@ def test_per_example_attention_gives_the_gradients_of_the_dense_block_diagonal_m
         assert torch.allclose(gradients[1][name], dense, atol=1e-6, rtol=1e-4), name
 
 
+@pytest.mark.parametrize(
+    "flags, per_example",
+    [
+        (["--packing", "True"], True),
+        (["--padding_free", "True"], True),
+        ([], False),
+        (["--packing", "True", "--attn_implementation", "eager"], False),
+        (["--packing", "True", "--torch_compile", "True"], False),
+    ],
+)
+def test_which_runs_attend_per_example(tiny_llama_dir, data_file, tmp_path, flags, per_example):
+    common = ["--model_name_or_path", str(tiny_llama_dir), "--data_path", str(data_file), "--output_dir", str(tmp_path)]
+    assert train.attends_per_example(train.parse_arguments(common + flags)) is per_example
+
+
 def test_per_example_attention_refuses_an_example_that_crosses_rows():
     assert tokens.lengths_per_row([0, 3, 8, 10, 16], 8) == [[3, 5], [2, 6]]
     with pytest.raises(ValueError, match="the example at 3 runs past the end of its row of 8"):
