@@ -60,7 +60,7 @@ class ModelArguments:
         metadata={
             "help": "Attention kernel: sdpa (default; PyTorch's scaled_dot_product_attention; with "
             "--padding_free or --packing it runs once per example, so a packed row costs what its examples "
-            "cost), eager, or flash_attention_2 (needs an NVIDIA GPU and the flash_attn package; batches "
+            "cost, except under --torch_compile), eager, or flash_attention_2 (needs an NVIDIA GPU and the flash_attn package; batches "
             "without padding then hand it cumulative sequence lengths instead of a mask).",
             "choices": ["sdpa", "eager", "flash_attention_2"],
         },
