@@ -123,14 +123,14 @@ def test_chat_completions_use_the_alpaca_template(client, served_dir):
 
 
 @contextlib.contextmanager
-def in_process_server(model, tokenizer, batch_size: int = 8):
+def in_process_server(model, tokenizer, batch_size: int = 8, num_beams: int = 1):
     """server.InferenceServer on a free port in a thread (no model loading subprocess); yields an
     openai client for it."""
     import openai
 
     import server as server_module
 
-    defaults = dict(temperature=0.0, top_p=1.0, top_k=0, num_beams=1, repetition_penalty=1.0)
+    defaults = dict(temperature=0.0, top_p=1.0, top_k=0, num_beams=num_beams, repetition_penalty=1.0)
     httpd = server_module.InferenceServer(("127.0.0.1", 0), model, tokenizer, "tiny", 24, batch_size, defaults)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
@@ -161,6 +161,28 @@ def test_concurrent_requests_are_generated_together_with_the_results_they_get_al
     assert len({len(c.logprobs.tokens) for c in alone}) > 1, "rows should leave the batch at different steps"
     for a, b in zip(together, alone):
         assert a.logprobs.token_logprobs == pytest.approx(b.logprobs.token_logprobs, abs=1e-4)
+
+
+def test_beam_search_completes_the_prompt_tokens_it_was_given(tmp_path):
+    """With --num_beams the server hands generate the prompt's own token ids: a prompt given as
+    ids (or as text, whose ids start with BOS) is not decoded to text and encoded again, which
+    would add a second BOS or merge tokens the client chose to split."""
+    from generation import complete_batch, decoding_kwargs
+    from helpers import build_tiny_llama
+
+    build_tiny_llama(tmp_path, initializer_range=0.3)
+    model, tokenizer = load_model_and_tokenizer(str(tmp_path))
+    text = "The fox number 1"
+    ids = tokenizer(text)["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id, "the tiny tokenizer starts a prompt with BOS"
+    split = ids[:1] + [t for c in text for t in tokenizer(c, add_special_tokens=False)["input_ids"]]
+    assert split != ids, "one token per character: ids that encoding the text would not give"
+    beams = decoding_kwargs(num_beams=3)
+    with in_process_server(model, tokenizer, num_beams=3) as client:
+        for prompt in (text, ids, split):
+            completion = client.completions.create(model="tiny", prompt=prompt, max_tokens=12).choices[0]
+            expected = complete_batch(model, tokenizer, [ids if prompt is text else prompt], 12, **beams)[0]
+            assert completion.text == expected.text
 
 
 class Recorded(queue.Queue):
