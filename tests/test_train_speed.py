@@ -316,12 +316,16 @@ def test_torch_compile_trains_to_the_same_losses(tiny_llama_dir, data_file, tmp_
 
 
 @pytest.mark.distributed
-def test_torchrun_fsdp_with_gradient_checkpointing_gives_the_same_losses(tiny_llama_dir, data_file, tmp_path):
+@pytest.mark.parametrize(
+    "batching", [[], ["--packing", "True", "--model_max_length", "256"]], ids=["padded", "packing"]
+)
+def test_torchrun_fsdp_with_gradient_checkpointing_gives_the_same_losses(tiny_llama_dir, data_file, tmp_path, batching):
+    """Also with packed rows, whose per-example attention the checkpointed layers run again."""
     common = [
         *("--model_name_or_path", tiny_llama_dir, "--data_path", data_file, "--max_steps", "2"),
         *("--per_device_train_batch_size", "2", "--learning_rate", "1e-2", "--logging_steps", "1"),
         *("--save_strategy", "no", "--fsdp", "full_shard auto_wrap"),
-        *("--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer"),
+        *("--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer", *batching),
     ]
     run_script(common + ["--output_dir", tmp_path / "plain"], nproc=2)
     result = run_script(common + ["--output_dir", tmp_path / "ckpt", "--gradient_checkpointing", "True"], nproc=2)
