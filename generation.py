@@ -188,7 +188,7 @@ def end_token_ids(model, tokenizer) -> tuple[set[int], set[int]]:
 def complete_batch(
     model,
     tokenizer,
-    prompts: Sequence[str | list[int]],
+    prompts: Sequence[str | Sequence[int]],
     max_new_tokens: int,
     stop: Sequence[str] = (),
     cancel: threading.Event | None = None,
@@ -197,7 +197,7 @@ def complete_batch(
     """Complete several raw prompts (texts, or token ids used as they are) at once, left-padded so
     that every prompt ends at the same position and the new tokens line up. Setting `cancel`
     stops the generation at its next token."""
-    encoded = [prompt if isinstance(prompt, list) else tokenizer(prompt)["input_ids"] for prompt in prompts]
+    encoded = [tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else list(prompt) for prompt in prompts]
     batch = tokenizer.pad({"input_ids": encoded}, padding=True, return_tensors="pt").to(model.device)
     if stop:  # let generate stop each sequence at its stop string
         decoding.update(stop_strings=list(stop), tokenizer=tokenizer)

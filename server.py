@@ -566,7 +566,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             defaults["num_beams"],
             defaults["repetition_penalty"],
         )
-        expanded = [list(p) for p in prompts for _ in range(sampling["n"])]  # the ids, as given
+        expanded = [p for p in prompts for _ in range(sampling["n"])]  # the ids, as given
         completions = self.server.scheduler.run_alone(
             lambda: complete_batch(
                 model, tokenizer, expanded, max(max_tokens, 1), sampling["stop"], self.server.stopping, **decoding

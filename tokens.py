@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import transformers
 from torch.utils.data import Dataset
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import utils
 
@@ -231,8 +232,8 @@ class DataCollatorForPackedRows:
     """Batch packed rows (see `pack_examples`) without a dense attention mask: position ids
     restart at every example, which sdpa and eager attention turn into a block-diagonal causal
     mask; with `flash_attn_kwargs`, also the cumulative sequence lengths of the flattened batch,
-    which FlashAttention's varlen kernel (or `per_example_sdpa_attention`) takes instead of any
-    mask, so a packed row costs what its examples cost. Rows are right-padded to the batch's longest; the padding is a sequence of
+    which FlashAttention's varlen kernel (or `per_example_sdpa_attention`) takes instead of
+    any mask, so a packed row costs what its examples cost. Rows are right-padded to the batch's longest; the padding is a sequence of
     its own that nothing attends to and the loss skips."""
 
     pad_token_id: int
@@ -280,57 +281,64 @@ def per_example_sdpa_attention(
     attends to itself alone, causally and without a mask, as FlashAttention's varlen kernel does
     on a GPU. Under the dense block-diagonal mask every token of a 512-token row is scored against
     all 512 positions; here an example of n tokens costs n^2/2, so a packed row costs what its
-    examples cost. Without `cu_seq_lens_q` (a batch from another collator) this is plain sdpa with
-    the model's mask. Transformers' attention-function signature: (batch, heads, length, dim) in,
-    (batch, length, heads, dim) out."""
-    if cu_seq_lens_q is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+    examples cost. Plain sdpa with the model's mask instead for a batch without `cu_seq_lens_q`
+    (from another collator) and for attention that plain causal sdpa cannot express (a sliding
+    window, a softcap, attention sinks). Transformers' attention-function signature: (batch,
+    heads, length, dim) in, (batch, length, heads, dim) out."""
+    special = [name for name in ("sliding_window", "softcap", "s_aux") if kwargs.get(name) is not None]
+    if cu_seq_lens_q is None or special:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
-    heads, row_length = query.shape[1], query.shape[2]
-    # PyTorch's fused CPU kernel takes no grouped-query attention: every query head gets its keys.
-    key, value = (x.repeat_interleave(heads // x.shape[1], dim=1) for x in (key, value))
-    rows = []
-    for lengths, q, k, v in zip(
-        lengths_per_row(cu_seq_lens_q.tolist(), row_length), query.unbind(0), key.unbind(0), value.unbind(0)
-    ):
-        # split and unbind rather than indexing: their backward joins the pieces' gradients,
-        # where indexing would add each one into a zero tensor the size of the whole.
-        examples = zip(q.split(lengths, dim=1), k.split(lengths, dim=1), v.split(lengths, dim=1))
-        rows.append(
-            torch.cat(
-                [
-                    torch.nn.functional.scaled_dot_product_attention(
-                        qe[None], ke[None], ve[None], is_causal=True, scale=scaling, dropout_p=dropout
-                    )[0]
-                    for qe, ke, ve in examples
-                ],
-                dim=1,
-            )
-        )
-    return torch.stack(rows).transpose(1, 2).contiguous(), None
+    rows, heads, row_length = query.shape[:3]
+    groups = heads // key.shape[1]
+    if groups > 1:  # PyTorch's fused CPU kernel takes no grouped-query attention
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    per_row = lengths_per_row(cu_seq_lens_q.tolist(), rows, row_length)
+    out = [
+        _attend_row(q, k, v, lengths, scaling, dropout)
+        for q, k, v, lengths in zip(query.unbind(0), key.unbind(0), value.unbind(0), per_row, strict=True)
+    ]
+    return torch.stack(out).transpose(1, 2).contiguous(), None
 
 
-def lengths_per_row(cumulative: Sequence[int], row_length: int) -> list[list[int]]:
-    """The example lengths of each row of a flattened batch, from its cumulative lengths."""
-    rows: list[list[int]] = [[]]
+def _attend_row(q, k, v, lengths: list[int], scaling: float | None, dropout: float) -> torch.Tensor:
+    """Causal sdpa over each example of one row (heads, length, dim), the examples' outputs joined."""
+    # split (and unbind, above) rather than indexing: their backward joins the pieces' gradients,
+    # where indexing would add each one into a zero tensor the size of the whole.
+    examples = zip(q.split(lengths, dim=1), k.split(lengths, dim=1), v.split(lengths, dim=1))
+    return torch.cat(
+        [
+            torch.nn.functional.scaled_dot_product_attention(
+                qe[None], ke[None], ve[None], is_causal=True, scale=scaling, dropout_p=dropout
+            )[0]
+            for qe, ke, ve in examples
+        ],
+        dim=1,
+    )
+
+
+def lengths_per_row(cumulative: Sequence[int], rows: int, row_length: int) -> list[list[int]]:
+    """The example lengths in each of `rows` rows of a flattened batch, from its cumulative lengths."""
+    if cumulative[-1] != rows * row_length:
+        raise ValueError(f"cu_seq_lens_q: {cumulative[-1]} tokens, not the batch's {rows} rows of {row_length}")
+    per_row: list[list[int]] = [[]]
     filled = 0
     for start, end in zip(cumulative[:-1], cumulative[1:]):
         if filled == row_length:
-            rows.append([])
+            per_row.append([])
             filled = 0
         filled += end - start
         if filled > row_length:
             raise ValueError(f"cu_seq_lens_q: the example at {start} runs past the end of its row of {row_length}")
-        rows[-1].append(end - start)
-    return rows
+        per_row[-1].append(end - start)
+    return per_row
 
 
 def use_per_example_attention(model: transformers.PreTrainedModel) -> None:
     """Switch the model's sdpa attention to `per_example_sdpa_attention` for padding-free batches.
-    The mask function stays sdpa's, so a batch without cumulative lengths is still masked right."""
+    The mask function stays sdpa's: the model still builds its dense mask once a forward pass
+    (cheap beside the step), so that a batch without cumulative lengths is still masked right."""
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     transformers.AttentionInterface.register(PER_EXAMPLE_SDPA, per_example_sdpa_attention)

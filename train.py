@@ -59,9 +59,10 @@ class ModelArguments:
         default="sdpa",
         metadata={
             "help": "Attention kernel: sdpa (default; PyTorch's scaled_dot_product_attention; with "
-            "--padding_free or --packing it runs once per example, so a packed row costs what its examples "
-            "cost, except under --torch_compile), eager, or flash_attention_2 (needs an NVIDIA GPU and the flash_attn package; batches "
-            "without padding then hand it cumulative sequence lengths instead of a mask).",
+            "--padding_free or --packing it runs once per example, so a packed row costs what its "
+            "examples cost, except under --torch_compile), eager, or flash_attention_2 (needs an "
+            "NVIDIA GPU and the flash_attn package; batches without padding then hand it cumulative "
+            "sequence lengths instead of a mask).",
             "choices": ["sdpa", "eager", "flash_attention_2"],
         },
     )
@@ -415,7 +416,8 @@ def make_supervised_data_module(
     flash_attn_kwargs: bool = False,
 ) -> dict:
     """Datasets and collator for the Trainer; tokenization runs once, on the main process.
-    `flash_attn_kwargs`: padding-free batches carry cumulative sequence lengths for FlashAttention."""
+    `flash_attn_kwargs`: padding-free batches carry the cumulative sequence lengths that
+    FlashAttention and per-example sdpa take instead of a mask."""
     import tokens
 
     def load_and_tokenize():
@@ -551,7 +553,8 @@ def attends_per_example(args: Arguments) -> bool:
     return (
         (args.data.padding_free or args.data.packing)
         and args.model.attn_implementation == "sdpa"
-        and not args.trainer.get("torch_compile")
+        # The Trainer compiles when any of these is given (a mode or backend alone turns it on).
+        and not any(args.trainer.get(k) for k in ("torch_compile", "torch_compile_mode", "torch_compile_backend"))
     )
 
 

@@ -154,6 +154,7 @@ def test_per_example_attention_gives_the_gradients_of_the_dense_block_diagonal_m
         ([], False),
         (["--packing", "True", "--attn_implementation", "eager"], False),
         (["--packing", "True", "--torch_compile", "True"], False),
+        (["--padding_free", "True", "--torch_compile_mode", "default"], False),
     ],
 )
 def test_which_runs_attend_per_example(tiny_llama_dir, data_file, tmp_path, flags, per_example):
@@ -162,9 +163,38 @@ def test_which_runs_attend_per_example(tiny_llama_dir, data_file, tmp_path, flag
 
 
 def test_per_example_attention_refuses_an_example_that_crosses_rows():
-    assert tokens.lengths_per_row([0, 3, 8, 10, 16], 8) == [[3, 5], [2, 6]]
+    assert tokens.lengths_per_row([0, 3, 8, 10, 16], 2, 8) == [[3, 5], [2, 6]]
     with pytest.raises(ValueError, match="the example at 3 runs past the end of its row of 8"):
-        tokens.lengths_per_row([0, 3, 10, 16], 8)
+        tokens.lengths_per_row([0, 3, 10, 16], 2, 8)
+    with pytest.raises(ValueError, match="16 tokens, not the batch's 3 rows of 8"):
+        tokens.lengths_per_row([0, 8, 16], 3, 8)
+
+
+def test_per_example_attention_uses_the_lengths_and_not_the_mask():
+    """Given cumulative lengths, the mask is not what decides (here it lets every token see every
+    other): each span attends causally to itself alone. A sliding window, which per-example
+    causal sdpa cannot express, goes back to the mask."""
+    torch.manual_seed(0)
+    query, key, value = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    everything = torch.ones(2, 1, 6, 6, dtype=torch.bool)
+    lengths = torch.tensor([0, 2, 6, 9, 12], dtype=torch.int32)  # row 0: 2 + 4 tokens, row 1: 3 + 3
+    module = torch.nn.Module().eval()
+    out, _ = tokens.per_example_sdpa_attention(module, query, key, value, everything, cu_seq_lens_q=lengths)
+    for row, spans in enumerate([[(0, 2), (2, 6)], [(0, 3), (3, 6)]]):
+        for start, end in spans:
+            q, k, v = (
+                query[row : row + 1, :, start:end],
+                key[row : row + 1, :, start:end],
+                value[row : row + 1, :, start:end],
+            )
+            expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            assert torch.allclose(out[row, start:end], expected[0].transpose(0, 1), atol=1e-6)
+    module.num_key_value_groups = 2  # what transformers' sdpa reads from a LLaMA attention layer
+    windowed, _ = tokens.per_example_sdpa_attention(
+        module, query, key, value, everything, cu_seq_lens_q=lengths, sliding_window=2
+    )
+    unmasked = torch.nn.functional.scaled_dot_product_attention(query, key, value, enable_gqa=True).transpose(1, 2)
+    assert torch.allclose(windowed, unmasked, atol=1e-6), "with a window the mask decides"
 
 
 def test_training_on_packed_rows_gives_the_padded_loss(tiny_llama_dir, data_file, tmp_path, capsys):
