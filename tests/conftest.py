@@ -3,10 +3,19 @@ the real LLaMA-format tokenizer and the embedded model. Plain helpers are in hel
 
 import os
 import pathlib
+import signal
 
 import pytest
 
 from helpers import build_tiny_llama, shared_file
+
+
+def pytest_configure(config):
+    # A shell without job control starts a background job with SIGINT ignored, and its children
+    # inherit that, so the scripts that the Ctrl-C tests interrupt would never see the signal.
+    # A handler (unlike "ignored") is reset to the default in every child that the tests start.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
