@@ -17,6 +17,7 @@ import torch
 import transformers
 from torch.utils.data import Dataset
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import utils
 
@@ -233,8 +234,8 @@ class DataCollatorForPackedRows:
     restart at every example, which sdpa and eager attention turn into a block-diagonal causal
     mask; with `flash_attn_kwargs`, also the cumulative sequence lengths of the flattened batch,
     which FlashAttention's varlen kernel (or `per_example_sdpa_attention`) takes instead of
-    any mask, so a packed row costs what its examples cost. Rows are right-padded to the batch's longest; the padding is a sequence of
-    its own that nothing attends to and the loss skips."""
+    any mask, so a packed row costs what its examples cost. Rows are right-padded to the batch's
+    longest; the padding is a sequence of its own that nothing attends to and the loss skips."""
 
     pad_token_id: int
     flash_attn_kwargs: bool = False
@@ -285,7 +286,7 @@ def per_example_sdpa_attention(
     (from another collator) and for attention that plain causal sdpa cannot express (a sliding
     window, a softcap, attention sinks). Transformers' attention-function signature: (batch,
     heads, length, dim) in, (batch, length, heads, dim) out."""
-    special = [name for name in ("sliding_window", "softcap", "s_aux") if kwargs.get(name) is not None]
+    special = any(kwargs.get(name) is not None for name in ("sliding_window", "softcap", "s_aux"))
     if cu_seq_lens_q is None or special:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
@@ -335,12 +336,8 @@ def lengths_per_row(cumulative: Sequence[int], rows: int, row_length: int) -> li
     return per_row
 
 
-def use_per_example_attention(model: transformers.PreTrainedModel) -> None:
-    """Switch the model's sdpa attention to `per_example_sdpa_attention` for padding-free batches.
-    The mask function stays sdpa's: the model still builds its dense mask once a forward pass
-    (cheap beside the step), so that a batch without cumulative lengths is still masked right."""
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    transformers.AttentionInterface.register(PER_EXAMPLE_SDPA, per_example_sdpa_attention)
-    AttentionMaskInterface.register(PER_EXAMPLE_SDPA, sdpa_mask)
-    model.set_attn_implementation(PER_EXAMPLE_SDPA)
+# Registered on import: `model.set_attn_implementation(PER_EXAMPLE_SDPA)` then switches a model to
+# it. The mask function stays sdpa's: the model still builds its dense mask once a forward pass
+# (cheap beside the step), so that a batch without cumulative lengths is still masked right.
+transformers.AttentionInterface.register(PER_EXAMPLE_SDPA, per_example_sdpa_attention)
+AttentionMaskInterface.register(PER_EXAMPLE_SDPA, sdpa_mask)

@@ -630,7 +630,7 @@ def train(
     if padding_free:
         check_padding_free_support(model)
     if per_example:
-        tokens.use_per_example_attention(model)
+        model.set_attn_implementation(tokens.PER_EXAMPLE_SDPA)
     if args.lora.use_lora:
         model = add_lora(model, args.lora)
 

@@ -153,7 +153,7 @@ def main():
 
     models = {mode: fresh_model() for mode in MODES}
     for mode in MODES[1:]:  # as train.py does for padding-free batches under sdpa
-        tokens.use_per_example_attention(models[mode])
+        models[mode].set_attn_implementation(tokens.PER_EXAMPLE_SDPA)
     check_packed_losses(models["packing"], examples, args.model_max_length, tokenizer.pad_token_id)
     optimizers = {mode: torch.optim.AdamW(models[mode].parameters(), lr=1e-5) for mode in MODES}
     for mode in MODES:  # warm-up: one step each, not timed

@@ -104,10 +104,7 @@ def test_padding_free_batches_give_each_example_its_padded_loss(tiny_llama_dir, 
         batch = transformers.DataCollatorWithFlattening(separator_id=-100, return_flash_attn_kwargs=True)(examples)
         spans = [(0, [len(e["input_ids"]) for e in examples])]
     assert batch["cu_seq_lens_q"].dtype == torch.int32 and batch["cu_seq_lens_q"][-1] == batch["input_ids"].numel()
-    if attention == tokens.PER_EXAMPLE_SDPA:
-        tokens.use_per_example_attention(model)
-    else:
-        model.set_attn_implementation(attention)
+    model.set_attn_implementation(attention)
     with torch.no_grad():
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
     flat_ids, flat_labels = batch["input_ids"].reshape(-1), batch["labels"].reshape(-1)
@@ -137,7 +134,7 @@ def test_per_example_attention_gives_the_gradients_of_the_dense_block_diagonal_m
     gradients = []
     for per_example in (False, True):
         if per_example:
-            tokens.use_per_example_attention(model)
+            model.set_attn_implementation(tokens.PER_EXAMPLE_SDPA)
         model.zero_grad()
         model(**batch, use_cache=False).loss.backward()
         gradients.append({name: p.grad.clone() for name, p in model.named_parameters()})
