@@ -141,13 +141,16 @@ def in_process_server(model, tokenizer, batch_size: int = 8, num_beams: int = 1)
         httpd.server_close()
 
 
-def test_concurrent_requests_are_generated_together_with_the_results_they_get_alone(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_concurrent_requests_are_generated_together_with_the_results_they_get_alone(tmp_path, dtype):
     # Weights larger than by default give peaked next-token scores: the near-ties of a random
     # model, which float sums in a batch of another shape may flip, would blur the comparison.
+    from generation import pack_linear_layers
     from helpers import build_tiny_llama
 
     build_tiny_llama(tmp_path, initializer_range=0.3)
-    model, tokenizer = load_model_and_tokenizer(str(tmp_path))
+    model, tokenizer = load_model_and_tokenizer(str(tmp_path), dtype=dtype)
+    assert pack_linear_layers(model) > 0  # as inference.py serves it
     prompts = [f"The fox number {i}" for i in range(6)] + ["Write a response that", "def add(a, b):"]
     with in_process_server(model, tokenizer) as client:
 
@@ -233,28 +236,37 @@ def test_rows_that_arrive_mid_batch_join_it_with_the_tokens_they_get_alone(tmp_p
         assert [t.logprob for t in joined] == pytest.approx([t.logprob for t in single], abs=1e-4)
 
 
-def test_prepacked_linear_layers_keep_the_models_outputs_and_make_rows_independent_of_their_batch(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_prepacked_linear_layers_keep_the_models_outputs_and_make_rows_independent_of_their_batch(tmp_path, dtype):
     import torch
 
     from generation import pack_linear_layers
     from helpers import build_tiny_llama
 
     build_tiny_llama(tmp_path, initializer_range=0.3)
-    model, tokenizer = load_model_and_tokenizer(str(tmp_path))
+    model, tokenizer = load_model_and_tokenizer(str(tmp_path), dtype=dtype)
+    # float16 weights are multiplied in float32: compare with the same weights in a float32 model.
+    reference = model if dtype == "float32" else load_model_and_tokenizer(str(tmp_path), dtype=dtype)[0].float()
     state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     ids = torch.tensor([tokenizer("The fox number 1 jumps over")["input_ids"]] * 8)
     ids[1:, 2:] = torch.randint(5, 100, (7, ids.shape[1] - 2))
     with torch.inference_mode():
-        plain = model(input_ids=ids).logits
-        plain_text = complete_batch(model, tokenizer, ["The fox number 1"], 16, do_sample=False)[0].text
+        plain = reference(input_ids=ids).logits
+        plain_text = complete_batch(reference, tokenizer, ["The fox number 1"], 16, do_sample=False)[0].text
         linears = sum(type(m) is torch.nn.Linear for m in model.modules())
         assert pack_linear_layers(model) == linears > 0
         packed = model(input_ids=ids).logits
-        assert (packed - plain).abs().max() < 1e-4
-        assert torch.equal(model(input_ids=ids[:1]).logits[0], packed[0]), "a row alone equals the row in a batch"
+        assert packed.dtype == torch.float32 and (packed - plain).abs().max() < 1e-4
+        for layer in (model.model.layers[0].self_attn.q_proj, model.lm_head):
+            x = torch.randn(20, layer.in_features)
+            whole = layer(x)  # fbgemm's kernels take a few rows at a time, and the last ones otherwise
+            for rows in range(1, 20):
+                assert torch.equal(layer(x[:rows]), whole[:rows]), f"{rows} rows"
         assert complete_batch(model, tokenizer, ["The fox number 1"], 16, do_sample=False)[0].text == plain_text
     assert model.state_dict().keys() == state.keys()
-    assert all(torch.equal(tensor, state[name]) for name, tensor in model.state_dict().items())
+    for name, tensor in model.state_dict().items():  # in float16, all but the linear layers become float32
+        assert torch.equal(tensor, state[name].to(tensor.dtype)), name
+    assert {m.weight.dtype for m in model.modules() if type(m) is torch.nn.Linear} == {getattr(torch, dtype)}
 
 
 def test_a_client_that_goes_away_stops_its_generation(server, client):
