@@ -2,8 +2,9 @@
 log-probabilities, echo, token-id prompts and usage in streams) and a small web page
 (server_page.html, beside this file).
 
-One scheduler thread owns the model. Requests are parsed in their own threads and handed to it
-as rows (one per prompt and choice); rows are generated together in one left-padded batch
+One scheduler owns the model, on the main thread (`inference.py --serve`) or a thread of its
+own (a server inside another program, as in the tests). Requests are parsed in their own threads
+and handed to it as rows (one per prompt and choice); rows are generated together in one left-padded batch
 (generation.decode_together) that new rows join after any step while it has room (continuous
 batching), and each request reads its rows' tokens as they come. The standard library's
 http.server does the HTTP: per request it costs well under a millisecond against tens of
@@ -18,6 +19,7 @@ import json
 import math
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -105,20 +107,22 @@ NOTHING = object()  # the scheduler holds no job back
 
 
 class Scheduler:
-    """The one thread that runs the model. It generates submitted rows in one batch of at most
-    `batch_size` rows, from several requests (one request's rows always go together): rows
-    waiting when a batch starts go in it, and later ones join it after any step while there is
-    room (continuous batching). Work that needs the model to itself (beam search) is a job of
-    its own, run between batches in the order it came."""
+    """The one thread that runs the model (its own thread, or the caller's with `run`). It
+    generates submitted rows in one batch of at most `batch_size` rows, from several requests
+    (one request's rows always go together): rows waiting when a batch starts go in it, and
+    later ones join it after any step while there is room (continuous batching). Work that needs
+    the model to itself (beam search) is a job of its own, run between batches in the order it
+    came. Once `stopping` is set, the rows still waiting end at once and `run` returns."""
 
-    def __init__(self, model, tokenizer, batch_size: int, stopping: threading.Event):
+    def __init__(self, model, tokenizer, batch_size: int, stopping: threading.Event, thread: bool = True):
         self.model, self.batch_size, self.stopping = model, batch_size, stopping
         self.end_ids = end_token_ids(model, tokenizer)[0]
         # Jobs: a list of rows, a (work, future) pair for run_alone, or None to stop.
         self.jobs: queue.Queue = queue.Queue()
         self.held: Any = NOTHING  # a job taken from the queue that cannot join the running batch
-        self.thread = threading.Thread(target=self.run, daemon=True, name="scheduler")
-        self.thread.start()
+        self.thread = threading.Thread(target=self.run, daemon=True, name="scheduler") if thread else None
+        if self.thread is not None:
+            self.thread.start()
 
     def submit(self, rows: list[Row]) -> None:
         self.jobs.put(rows)
@@ -131,15 +135,26 @@ class Scheduler:
         return future.result()
 
     def close(self) -> None:
-        self.jobs.put(None)
-        self.thread.join()
+        """Once `stopping` is set: end the rows still waiting, and the scheduler's thread."""
+        if self.thread is None:
+            self.run()
+        else:
+            self.jobs.put(None)
+            self.thread.join()
 
     def next_job(self) -> Any:
-        """The next job (the one held back first), waiting for one."""
+        """The next job (the one held back first), waiting for one; None once `stopping` is set
+        and none waits. It polls rather than wait for a job to stop it, because a signal
+        handler cannot safely put one on the queue."""
         if self.held is not NOTHING:
             job, self.held = self.held, NOTHING
             return job
-        return self.jobs.get()
+        while True:
+            try:
+                return self.jobs.get(timeout=0.1)
+            except queue.Empty:
+                if self.stopping.is_set():
+                    return None
 
     def admit(self, room: int) -> list[Row]:
         """The rows of the jobs already waiting that fit in `room` rows, in order: a job that does
@@ -194,7 +209,10 @@ class InferenceServer(ThreadingHTTPServer):
         max_new_tokens: int,
         batch_size: int,
         defaults: dict,
+        scheduler_thread: bool = True,
     ):
+        """With `scheduler_thread` False, the model runs on the thread that calls
+        `serve_until_stopped`, and the HTTP on another."""
         super().__init__(address, RequestHandler)
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
         self.max_new_tokens, self.batch_size, self.defaults = max_new_tokens, batch_size, defaults
@@ -202,9 +220,25 @@ class InferenceServer(ThreadingHTTPServer):
         # The page's fields start at the defaults of the API, this server's flags.
         self.page = render_page(temperature=defaults["temperature"], top_p=defaults["top_p"], max_tokens=max_new_tokens)
         self.stopping = threading.Event()
-        self.scheduler = Scheduler(model, tokenizer, batch_size, self.stopping)
+        self.scheduler = Scheduler(model, tokenizer, batch_size, self.stopping, thread=scheduler_thread)
         self.busy = threading.Condition()
         self.requests_in_flight = 0
+
+    def serve_until_stopped(self) -> None:
+        """Serve HTTP on a thread of its own and run the model on this one until `stopping` is
+        set, then finish the requests in flight. The model belongs on the main thread: PyTorch's
+        OpenMP workers then spin between operations, as they do for the one team of threads
+        that a process starts with. A second thread's team makes more threads than cores here,
+        and OpenMP then puts them to sleep between operations, which made each token about 30%
+        slower on the 2-core sandbox (docs/inference.md#throughput)."""
+        http = threading.Thread(target=self.serve_forever, daemon=True, name="http")
+        http.start()
+        try:
+            self.scheduler.run()
+        finally:
+            self.shutdown()
+            http.join()
+            self.stop_generating()
 
     def stop_generating(self) -> None:
         """Stop the generations in flight at their next token and wait until their requests have
@@ -697,9 +731,13 @@ def run_server(
 ) -> None:
     """Serve until Ctrl-C; `defaults` are the decoding flags requests may override."""
     try:
-        server = InferenceServer((host, port), model, tokenizer, model_id, max_new_tokens, batch_size, defaults)
+        server = InferenceServer(
+            (host, port), model, tokenizer, model_id, max_new_tokens, batch_size, defaults, scheduler_thread=False
+        )
     except OSError as error:
         raise UsageError(f"cannot listen on {host}:{port}: {error}") from None
+    # Ctrl-C only sets the event: the generations in flight then end at their next token.
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: server.stopping.set())
     try:
         print(
             f"serving {model_id} on http://{host}:{server.server_port}/ (OpenAI API at "
@@ -707,8 +745,7 @@ def run_server(
             file=sys.stderr,
             flush=True,
         )
-        server.serve_forever()
-    except KeyboardInterrupt:
-        server.stop_generating()
+        server.serve_until_stopped()
     finally:
+        signal.signal(signal.SIGINT, previous)
         server.server_close()

@@ -2,24 +2,27 @@
 
 - single stream: the previous server's way (transformers' `generate` with a streamer, one
   request at a time, plain `nn.Linear` layers) vs server.py's decoding loop with the linear
-  layers prepacked for oneDNN, as inference.py serves, one streaming client over HTTP;
+  layers prepacked for oneDNN, as inference.py serves (the model on the main thread), one
+  streaming client over HTTP;
 - 8 concurrent clients vs 1 against server.py (aggregate completion tokens per second over 16
   prompts: each of the 8 clients sends its next prompt as soon as the last one is answered, so
   requests arrive while others are being generated, as they do from the generator);
-- with a `llama-server` binary on PATH, the ratio of server.py's single stream to it (the same
-  model, converted to GGUF by llama.cpp's tools: pass it with --gguf).
+- the single stream again with `--dtype float16` (float16 linear weights, float32 arithmetic),
+  against the same baseline; its texts may differ from float32's, and how many do is printed;
+- with a `llama-server` binary on PATH, the ratio of server.py's single streams to it (the same
+  model, converted to GGUF by llama.cpp's tools: pass one or more with --gguf).
 
-Both single-stream runs must produce the same text. Run: .venv/bin/python -m bench.bench_serve"""
+Both float32 single-stream runs must produce the same text. Run: .venv/bin/python -m bench.bench_serve"""
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
-import threading
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 from bench.common import ROOT
 
@@ -73,17 +76,40 @@ def clients(base_url: str, prompts: list[str], max_tokens: int, concurrency: int
     return [text for text, _ in results], sum(tokens for _, tokens in results) / seconds
 
 
+def client_runs(url: str, runs: list[tuple[list[str], int]], max_tokens: int) -> list[tuple[list[str], float]]:
+    """`clients` for each (prompts, concurrency) in turn."""
+    return [clients(url, prompts, max_tokens, concurrency) for prompts, concurrency in runs]
+
+
+def while_serving(model, tokenizer, max_tokens: int, runs: list[tuple[list[str], int]]) -> list:
+    """`client_runs` against server.py from a client process of its own (as the generator or
+    lm-eval would be), while the server runs its model on this, the main, thread as
+    `inference.py --serve` does."""
+    from server import InferenceServer
+
+    defaults = dict(temperature=0.0, top_p=1.0, top_k=0, num_beams=1, repetition_penalty=1.0)
+    httpd = InferenceServer(
+        ("127.0.0.1", 0), model, tokenizer, "bench", max_tokens, 8, defaults, scheduler_thread=False
+    )
+    httpd.RequestHandlerClass.log_message = lambda *a: None
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        result = pool.submit(client_runs, f"http://127.0.0.1:{httpd.server_port}", runs, max_tokens)
+        result.add_done_callback(lambda _: httpd.stopping.set())
+        httpd.serve_until_stopped()
+    httpd.server_close()
+    return result.result()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max_tokens", type=int, default=48)
     parser.add_argument("--single", type=int, default=3, help="prompts for the single-stream runs")
-    parser.add_argument("--gguf", help="the model as GGUF, for llama-server (when it is on PATH)")
+    parser.add_argument("--gguf", nargs="+", default=[], help="the model as GGUF files, for llama-server (on PATH)")
     args = parser.parse_args()
 
     from embedded_model import embedded_model_path
     from generation import pack_linear_layers, stream_completion
     from inference import load_model_and_tokenizer
-    from server import InferenceServer
     from utils import format_prompt
 
     model_dir = embedded_model_path(os.environ.get("ALPACA_CACHE") or str(ROOT / ".cache" / "alpaca"))
@@ -100,38 +126,40 @@ def main():
     baseline = baseline_tokens / (time.perf_counter() - start)
 
     packed = pack_linear_layers(model)  # as inference.py does after loading
-    defaults = dict(temperature=0.0, top_p=1.0, top_k=0, num_beams=1, repetition_penalty=1.0)
-    httpd = InferenceServer(("127.0.0.1", 0), model, tokenizer, "bench", args.max_tokens, 8, defaults)
-    httpd.RequestHandlerClass.log_message = lambda *a: None
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{httpd.server_port}"
-    try:
-        ours_texts, ours = clients(url, single, args.max_tokens, 1)
-        assert ours_texts == baseline_texts, "server.py's greedy text differs from generate's"
-        one_texts, one = clients(url, prompts, args.max_tokens, 1)
-        eight_texts, eight = clients(url, prompts, args.max_tokens, 8)
-        assert eight_texts == one_texts, "8 concurrent clients got other text than 1 at a time"
-    finally:
-        httpd.shutdown()
-        httpd.stop_generating()
-        httpd.server_close()
-    print(f"server.py: {packed} linear layers prepacked for oneDNN (0: plain nn.Linear)")
+
+    runs = [(single, 1), (prompts, 1), (prompts, 8)]
+    (ours_texts, ours), (one_texts, one), (eight_texts, eight) = while_serving(model, tokenizer, args.max_tokens, runs)
+    assert ours_texts == baseline_texts, "server.py's greedy text differs from generate's"
+    assert eight_texts == one_texts, "8 concurrent clients got other text than 1 at a time"
+    del model
+
+    half_model, _ = load_model_and_tokenizer(model_dir, dtype="float16")
+    half_packed = pack_linear_layers(half_model)
+    [(half_texts, half)] = while_serving(half_model, tokenizer, args.max_tokens, [(single, 1)])
+    same = sum(a == b for a, b in zip(half_texts, baseline_texts))
+
+    print(f"server.py: {packed} linear layers prepacked for oneDNN, {half_packed} for fbgemm in float16 (0: plain)")
     print(f"single stream: {baseline:.1f} tok/s before (generate + streamer), {ours:.1f} tok/s server.py; same text")
     print(f"serve-single: ratio={ours / baseline:.2f} (baseline={baseline:.1f} tok/s, ours={ours:.1f} tok/s)")
     print(
+        f"serve-single-float16: ratio={half / baseline:.2f} (baseline={baseline:.1f} tok/s, ours={half:.1f} tok/s "
+        f"with --dtype float16; {same} of {len(single)} texts as in float32)"
+    )
+    print(
         f"serve-concurrent: ratio={eight / one:.2f} (baseline={one:.1f} tok/s with 1 client, ours={eight:.1f} tok/s with 8)"
     )
-    llama_server(args, single, ours)
+    for gguf in args.gguf:
+        llama_server(gguf, args.max_tokens, single, {"float32": ours, "float16": half})
 
 
-def llama_server(args, prompts: list[str], ours: float) -> None:
+def llama_server(gguf: str, max_tokens: int, prompts: list[str], ours: dict[str, float]) -> None:
     binary = shutil.which("llama-server")
-    if binary is None or not args.gguf:
-        print("llama-server: not run (needs llama-server on PATH and --gguf MODEL.gguf)")
+    if binary is None:
+        print("llama-server: not run (needs llama-server on PATH)")
         return
     port = 8765
     process = subprocess.Popen(
-        [binary, "-m", args.gguf, "--port", str(port), "-t", str(os.cpu_count())],
+        [binary, "-m", gguf, "--port", str(port), "-t", str(os.cpu_count())],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -143,13 +171,15 @@ def llama_server(args, prompts: list[str], ours: float) -> None:
                 break
             except OSError:
                 time.sleep(1)
-        _, theirs = clients(url, prompts, args.max_tokens, 1)
+        _, theirs = clients(url, prompts, max_tokens, 1)
     finally:
         process.terminate()
         process.wait()
-    print(
-        f"serve-vs-llama-server: ratio={ours / theirs:.2f} (baseline={theirs:.1f} tok/s llama-server, ours={ours:.1f} tok/s)"
-    )
+    for dtype, tokens_per_second in ours.items():
+        print(
+            f"serve-vs-llama-server: ratio={tokens_per_second / theirs:.2f} (baseline={theirs:.1f} tok/s llama-server "
+            f"on {os.path.basename(gguf)}, ours={tokens_per_second:.1f} tok/s in {dtype})"
+        )
 
 
 if __name__ == "__main__":

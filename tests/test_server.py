@@ -300,6 +300,15 @@ def test_ctrl_c_stops_the_server_while_it_generates(tiny_llama_dir):
     assert process.returncode == 0 and "Traceback" not in stderr and "terminate" not in stderr, stderr[-3000:]
 
 
+@pytest.mark.slow
+def test_ctrl_c_stops_an_idle_server(tiny_llama_dir):
+    process, url = start_server(tiny_llama_dir)
+    urllib.request.urlopen(url + "/v1/models", timeout=10).read()
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate(timeout=60)[1]
+    assert process.returncode == 0 and "Traceback" not in stderr and "terminate" not in stderr, stderr[-3000:]
+
+
 def test_the_page_starts_at_the_servers_defaults(server):
     fields = {}
 
