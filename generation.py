@@ -65,8 +65,8 @@ class PackedLinear:
 
 class HalfLinear:
     """A linear layer whose weight fbgemm keeps in float16 and multiplies into float32 inputs:
-    half the bytes to read per token, with float32 arithmetic (this CPU has no float16
-    arithmetic of its own). Each call is padded with zero rows to a multiple of `rows`, the
+    half the bytes to read per token, with float32 arithmetic (CPUs without AVX512-FP16 have no
+    float16 arithmetic of their own). Each call is padded with zero rows to a multiple of `rows`, the
     multiple for which fbgemm's kernels give a row the same result whatever rows share the
     call (`batch_invariant_rows`). Inference only: it has no gradient."""
 
@@ -83,24 +83,24 @@ class HalfLinear:
         flat = x.reshape(-1, x.shape[-1])
         rows = flat.shape[0]
         if missing := -rows % self.rows:
-            flat = torch.cat([flat, flat.new_zeros(missing, flat.shape[1])])
+            flat = torch.nn.functional.pad(flat, (0, 0, 0, missing))
         out = torch.ops.quantized.linear_dynamic_fp16(flat, self.packed)
         return out[:rows].reshape(*x.shape[:-1], out.shape[-1])
 
 
-def batch_invariant_rows(most: int = 8, calls: int = 24) -> int | None:
-    """The smallest row count (up to `most`) whose multiples all give each row the same result
-    in fbgemm's float16 product, or None. Its kernels take the rows a few at a time, and those
-    for a remainder of one or two rows sum in another order: on this project's AVX2 sandbox,
-    calls of a multiple of 3 rows agree row for row."""
+def batch_invariant_rows(most: int = 8, largest_call: int = 300) -> int | None:
+    """The smallest row count (up to `most`) whose multiples, up to `largest_call` rows, all give
+    each row the same result in fbgemm's float16 product; None if there is none. Its kernels
+    take the rows a few at a time, and those for a remainder of one or two rows sum in another
+    order: on this project's AVX2 sandbox, calls of a multiple of 3 rows agree row for row."""
     import torch
 
     generator = torch.Generator().manual_seed(0)
     packed = torch.ops.quantized.linear_prepack_fp16(torch.randn(256, 256, generator=generator), None)
+    x = torch.randn(largest_call, 256, generator=generator)
     for multiple in range(1, most + 1):
-        x = torch.randn(calls * multiple, 256, generator=generator)
-        whole = torch.ops.quantized.linear_dynamic_fp16(x, packed)
-        counts = (k * multiple for k in range(1, calls))
+        counts = range(multiple, largest_call + 1, multiple)
+        whole = torch.ops.quantized.linear_dynamic_fp16(x[: counts[-1]], packed)
         if all(torch.equal(torch.ops.quantized.linear_dynamic_fp16(x[:n], packed), whole[:n]) for n in counts):
             return multiple
     return None
@@ -108,30 +108,22 @@ def batch_invariant_rows(most: int = 8, calls: int = 24) -> int | None:
 
 def pack_linear_layers(model) -> int:
     """Give every linear layer of a model on the CPU a forward with prepacked weights, and return
-    how many: `PackedLinear` for a float32 model; `HalfLinear` for a float16 one, whose other
-    weights (embeddings, norms) then become float32, since this CPU has no float16 arithmetic.
-    On this project's 2-core AVX2 sandbox the float32 matmuls then take about half the time for
-    a batch of 8 and the same for one row; the float16 ones less than half the float32 time for
-    one row. Either way a row's result no longer depends on the rows batched with it. Where no
-    kernel can pack (another CPU, another dtype), or a packed layer disagrees with the plain one,
-    nothing changes and 0 is returned. The packed copy costs the weights' memory once more."""
-    import functools
-
+    how many: `PackedLinear` for a float32 model; `HalfLinear` for a float16 one (where fbgemm
+    runs: x86 with AVX2), whose other weights then become float32. On this project's 2-core
+    AVX2 sandbox the float32 matmuls then take about half the time for a batch of 8 and the same
+    for one row; the float16 ones less than half the float32 time for one row. Either way a
+    row's result no longer depends on the rows batched with it. Where no kernel can pack
+    (another CPU, another dtype), or a packed layer disagrees with the plain one, nothing
+    changes and 0 is returned. The packed copy costs the weights' memory once more."""
     import torch
 
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
     if model.device.type != "cpu" or not linears:
         return 0
-    dtypes = {linear.weight.dtype for linear in linears}
-    if dtypes == {torch.float32} and torch.backends.mkldnn.is_available():
-        pack = PackedLinear
-    elif dtypes == {torch.float16} and "fbgemm" in torch.backends.quantized.supported_engines:
-        if (rows := batch_invariant_rows()) is None:
-            return 0
-        pack = functools.partial(HalfLinear, rows=rows)
-    else:
-        return 0
     try:
+        pack = _packer({linear.weight.dtype for linear in linears})
+        if pack is None:
+            return 0
         probe = torch.randn(3, linears[0].in_features)
         with torch.no_grad():
             bias = None if linears[0].bias is None else linears[0].bias.float()
@@ -142,13 +134,35 @@ def pack_linear_layers(model) -> int:
         return 0
     for linear in linears:
         linear.forward = pack(linear)
-    if dtypes == {torch.float16}:  # the rest in float32, a tied output layer's embedding too
-        for module in model.modules():
-            if type(module) is not torch.nn.Linear:
-                for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
-                    if tensor.is_floating_point():
-                        tensor.data = tensor.data.float()
+    if linears[0].weight.dtype == torch.float16:
+        _float32_outside_linear_layers(model)
     return len(linears)
+
+
+def _packer(dtypes: set) -> Callable[[torch.nn.Linear], Callable] | None:
+    import functools
+
+    import torch
+
+    if dtypes == {torch.float32} and torch.backends.mkldnn.is_available():
+        return PackedLinear
+    if dtypes == {torch.float16} and "fbgemm" in torch.backends.quantized.supported_engines:
+        rows = batch_invariant_rows()
+        return None if rows is None else functools.partial(HalfLinear, rows=rows)
+    return None
+
+
+def _float32_outside_linear_layers(model) -> None:
+    """Embeddings, norms and buffers in float32, for the float32 arithmetic of `HalfLinear`.
+    A tied output layer's weight is the embedding's, so it becomes float32 too (its packed
+    float16 copy stays what the layer multiplies with)."""
+    import torch
+
+    for module in model.modules():
+        if type(module) is not torch.nn.Linear:
+            for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+                if tensor.is_floating_point():
+                    tensor.data = tensor.data.float()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -308,9 +308,10 @@ def main(
         batch_size: prompts generated together in batch mode; with --serve, the most sequences
             (of any number of requests arriving together) generated together.
         generator: the name written into batch outputs (default: the model or adapter folder name).
-        dtype: weights' dtype: auto (as saved), float32, bfloat16 or float16. On the CPU, float16
-            keeps the linear layers' weights in float16 and computes in float32 (fbgemm's kernel):
-            half the bytes per token, so a single stream decodes faster; outputs differ slightly.
+        dtype: weights' dtype: auto (as saved), float32, bfloat16 or float16. A float16 model on
+            an x86 CPU keeps its linear layers' weights in float16 and computes in float32 with
+            fbgemm's kernel, so a single stream decodes faster than in float32 (outputs differ
+            slightly).
     """
     if serve and (instruction is not None or input_file is not None):
         raise UsageError("--serve takes no --instruction or --input_file")

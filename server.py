@@ -135,12 +135,11 @@ class Scheduler:
         return future.result()
 
     def close(self) -> None:
-        """Once `stopping` is set: end the rows still waiting, and the scheduler's thread."""
-        if self.thread is None:
-            self.run()
-        else:
+        """Once `stopping` is set: end the scheduler's thread, and the rows still waiting."""
+        if self.thread is not None:
             self.jobs.put(None)
             self.thread.join()
+        self.run()
 
     def next_job(self) -> Any:
         """The next job (the one held back first), waiting for one; None once `stopping` is set
@@ -231,6 +230,7 @@ class InferenceServer(ThreadingHTTPServer):
         that a process starts with. A second thread's team makes more threads than cores here,
         and OpenMP then puts them to sleep between operations, which made each token about 30%
         slower on the 2-core sandbox (docs/inference.md#throughput)."""
+        assert self.scheduler.thread is None, "the scheduler runs on a thread of its own already"
         http = threading.Thread(target=self.serve_forever, daemon=True, name="http")
         http.start()
         try:
@@ -245,8 +245,12 @@ class InferenceServer(ThreadingHTTPServer):
         answered, for a thread that frees tensors while Python exits aborts the process."""
         self.stopping.set()
         self.scheduler.close()
-        with self.busy:
-            self.busy.wait_for(lambda: self.requests_in_flight == 0, timeout=30)
+        deadline = time.monotonic() + 30
+        while True:
+            with self.busy:
+                if self.requests_in_flight == 0 or time.monotonic() > deadline:
+                    return
+            self.scheduler.run()  # a request that came as the server stopped: its rows end at once
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,6 +391,8 @@ class RequestHandler(BaseHTTPRequestHandler):
         with self.server.busy:
             self.server.requests_in_flight += 1
         try:
+            if self.server.stopping.is_set():
+                raise RequestError("the server is shutting down", HTTPStatus.SERVICE_UNAVAILABLE)
             handlers[self.path](self.read_json())
         except RequestError as error:
             self.send_error_json(error.status, str(error), error.code)
@@ -736,8 +742,13 @@ def run_server(
         )
     except OSError as error:
         raise UsageError(f"cannot listen on {host}:{port}: {error}") from None
-    # Ctrl-C only sets the event: the generations in flight then end at their next token.
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: server.stopping.set())
+
+    def stop(signum, frame) -> None:
+        """Ctrl-C: the generations in flight end at their next token; a second one interrupts."""
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        server.stopping.set()
+
+    previous = signal.signal(signal.SIGINT, stop)
     try:
         print(
             f"serving {model_id} on http://{host}:{server.server_port}/ (OpenAI API at "

@@ -92,11 +92,13 @@ def while_serving(model, tokenizer, max_tokens: int, runs: list[tuple[list[str],
         ("127.0.0.1", 0), model, tokenizer, "bench", max_tokens, 8, defaults, scheduler_thread=False
     )
     httpd.RequestHandlerClass.log_message = lambda *a: None
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        result = pool.submit(client_runs, f"http://127.0.0.1:{httpd.server_port}", runs, max_tokens)
-        result.add_done_callback(lambda _: httpd.stopping.set())
-        httpd.serve_until_stopped()
-    httpd.server_close()
+    try:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            result = pool.submit(client_runs, f"http://127.0.0.1:{httpd.server_port}", runs, max_tokens)
+            result.add_done_callback(lambda _: httpd.stopping.set())
+            httpd.serve_until_stopped()
+    finally:
+        httpd.server_close()
     return result.result()
 
 

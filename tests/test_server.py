@@ -141,6 +141,15 @@ def in_process_server(model, tokenizer, batch_size: int = 8, num_beams: int = 1)
         httpd.server_close()
 
 
+def skip_without_packing_kernel(dtype: str) -> None:
+    import torch
+
+    if dtype == "float32" and not torch.backends.mkldnn.is_available():
+        pytest.skip("oneDNN, which packs float32 linear layers, is not built into this torch")
+    if dtype == "float16" and "fbgemm" not in torch.backends.quantized.supported_engines:
+        pytest.skip("fbgemm, which multiplies float16 weights in float32, does not run on this CPU")
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_concurrent_requests_are_generated_together_with_the_results_they_get_alone(tmp_path, dtype):
     # Weights larger than by default give peaked next-token scores: the near-ties of a random
@@ -148,6 +157,7 @@ def test_concurrent_requests_are_generated_together_with_the_results_they_get_al
     from generation import pack_linear_layers
     from helpers import build_tiny_llama
 
+    skip_without_packing_kernel(dtype)
     build_tiny_llama(tmp_path, initializer_range=0.3)
     model, tokenizer = load_model_and_tokenizer(str(tmp_path), dtype=dtype)
     assert pack_linear_layers(model) > 0  # as inference.py serves it
@@ -236,14 +246,17 @@ def test_rows_that_arrive_mid_batch_join_it_with_the_tokens_they_get_alone(tmp_p
         assert [t.logprob for t in joined] == pytest.approx([t.logprob for t in single], abs=1e-4)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_prepacked_linear_layers_keep_the_models_outputs_and_make_rows_independent_of_their_batch(tmp_path, dtype):
+@pytest.mark.parametrize("dtype, tied", [("float32", False), ("float16", False), ("float16", True)])
+def test_prepacked_linear_layers_keep_the_models_outputs_and_make_rows_independent_of_their_batch(
+    tmp_path, dtype, tied
+):
     import torch
 
     from generation import pack_linear_layers
     from helpers import build_tiny_llama
 
-    build_tiny_llama(tmp_path, initializer_range=0.3)
+    skip_without_packing_kernel(dtype)
+    build_tiny_llama(tmp_path, initializer_range=0.3, tie_word_embeddings=tied)
     model, tokenizer = load_model_and_tokenizer(str(tmp_path), dtype=dtype)
     # float16 weights are multiplied in float32: compare with the same weights in a float32 model.
     reference = model if dtype == "float32" else load_model_and_tokenizer(str(tmp_path), dtype=dtype)[0].float()
@@ -257,6 +270,7 @@ def test_prepacked_linear_layers_keep_the_models_outputs_and_make_rows_independe
         assert pack_linear_layers(model) == linears > 0
         packed = model(input_ids=ids).logits
         assert packed.dtype == torch.float32 and (packed - plain).abs().max() < 1e-4
+        assert torch.equal(model(input_ids=ids[:1]).logits[0], packed[0]), "a row alone equals the row in a batch"
         for layer in (model.model.layers[0].self_attn.q_proj, model.lm_head):
             x = torch.randn(20, layer.in_features)
             whole = layer(x)  # fbgemm's kernels take a few rows at a time, and the last ones otherwise
@@ -266,7 +280,8 @@ def test_prepacked_linear_layers_keep_the_models_outputs_and_make_rows_independe
     assert model.state_dict().keys() == state.keys()
     for name, tensor in model.state_dict().items():  # in float16, all but the linear layers become float32
         assert torch.equal(tensor, state[name].to(tensor.dtype)), name
-    assert {m.weight.dtype for m in model.modules() if type(m) is torch.nn.Linear} == {getattr(torch, dtype)}
+    layers = model.model.layers.modules()  # (a tied output layer's weight is the embedding's, now float32)
+    assert {m.weight.dtype for m in layers if type(m) is torch.nn.Linear} == {getattr(torch, dtype)}
 
 
 def test_a_client_that_goes_away_stops_its_generation(server, client):
@@ -304,9 +319,36 @@ def test_ctrl_c_stops_the_server_while_it_generates(tiny_llama_dir):
 def test_ctrl_c_stops_an_idle_server(tiny_llama_dir):
     process, url = start_server(tiny_llama_dir)
     urllib.request.urlopen(url + "/v1/models", timeout=10).read()
+    started = time.perf_counter()
     process.send_signal(signal.SIGINT)
     stderr = process.communicate(timeout=60)[1]
     assert process.returncode == 0 and "Traceback" not in stderr and "terminate" not in stderr, stderr[-3000:]
+    assert time.perf_counter() - started < 15, "it waited for requests that were not there"
+
+
+def test_a_stopping_server_ends_its_streams_and_refuses_new_requests(tiny_llama_dir):
+    import server as server_module
+
+    model, tokenizer = load_model_and_tokenizer(str(tiny_llama_dir))
+    defaults = dict(temperature=0.0, top_p=1.0, top_k=0, num_beams=1, repetition_penalty=1.0)
+    httpd = server_module.InferenceServer(("127.0.0.1", 0), model, tokenizer, "tiny", 24, 8, defaults)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", httpd.server_port, timeout=60)
+        body = json.dumps({"prompt": "The fox", "max_tokens": 4000, "stream": True})
+        connection.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+        reply = connection.getresponse()
+        assert reply.status == 200 and reply.readline().startswith(b"data: ")
+        httpd.stopping.set()
+        assert reply.read().endswith(b"data: [DONE]\n\n")
+        late = http.client.HTTPConnection("127.0.0.1", httpd.server_port, timeout=60)
+        late.request("POST", "/v1/completions", body=json.dumps({"prompt": "The fox"}))
+        answer = late.getresponse()
+        assert answer.status == 503 and "shutting down" in json.loads(answer.read())["error"]["message"]
+    finally:
+        httpd.shutdown()
+        httpd.stop_generating()
+        httpd.server_close()
 
 
 def test_the_page_starts_at_the_servers_defaults(server):
