@@ -135,11 +135,10 @@ class Scheduler:
         return future.result()
 
     def close(self) -> None:
-        """Once `stopping` is set: end the scheduler's thread, and the rows still waiting."""
+        """End the scheduler's thread, if it has one."""
         if self.thread is not None:
             self.jobs.put(None)
             self.thread.join()
-        self.run()
 
     def next_job(self) -> Any:
         """The next job (the one held back first), waiting for one; None once `stopping` is set
@@ -250,7 +249,7 @@ class InferenceServer(ThreadingHTTPServer):
             with self.busy:
                 if self.requests_in_flight == 0 or time.monotonic() > deadline:
                     return
-            self.scheduler.run()  # a request that came as the server stopped: its rows end at once
+            self.scheduler.run()  # the rows of requests still in flight end at once
 
 
 # ---------------------------------------------------------------------------------------------

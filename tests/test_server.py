@@ -123,22 +123,28 @@ def test_chat_completions_use_the_alpaca_template(client, served_dir):
 
 
 @contextlib.contextmanager
-def in_process_server(model, tokenizer, batch_size: int = 8, num_beams: int = 1):
-    """server.InferenceServer on a free port in a thread (no model loading subprocess); yields an
-    openai client for it."""
-    import openai
-
+def in_process_httpd(model, tokenizer, batch_size: int = 8, num_beams: int = 1):
+    """server.InferenceServer on a free port in a thread (no model loading subprocess); yields it."""
     import server as server_module
 
     defaults = dict(temperature=0.0, top_p=1.0, top_k=0, num_beams=num_beams, repetition_penalty=1.0)
     httpd = server_module.InferenceServer(("127.0.0.1", 0), model, tokenizer, "tiny", 24, batch_size, defaults)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
-        yield openai.OpenAI(base_url=f"http://127.0.0.1:{httpd.server_port}/v1", api_key="unused", max_retries=0)
+        yield httpd
     finally:
         httpd.shutdown()
         httpd.stop_generating()
         httpd.server_close()
+
+
+@contextlib.contextmanager
+def in_process_server(model, tokenizer, batch_size: int = 8, num_beams: int = 1):
+    """`in_process_httpd`, yielding an openai client for it."""
+    import openai
+
+    with in_process_httpd(model, tokenizer, batch_size, num_beams) as httpd:
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{httpd.server_port}/v1", api_key="unused", max_retries=0)
 
 
 def skip_without_packing_kernel(dtype: str) -> None:
@@ -327,13 +333,8 @@ def test_ctrl_c_stops_an_idle_server(tiny_llama_dir):
 
 
 def test_a_stopping_server_ends_its_streams_and_refuses_new_requests(tiny_llama_dir):
-    import server as server_module
-
     model, tokenizer = load_model_and_tokenizer(str(tiny_llama_dir))
-    defaults = dict(temperature=0.0, top_p=1.0, top_k=0, num_beams=1, repetition_penalty=1.0)
-    httpd = server_module.InferenceServer(("127.0.0.1", 0), model, tokenizer, "tiny", 24, 8, defaults)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
+    with in_process_httpd(model, tokenizer) as httpd:
         connection = http.client.HTTPConnection("127.0.0.1", httpd.server_port, timeout=60)
         body = json.dumps({"prompt": "The fox", "max_tokens": 4000, "stream": True})
         connection.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
@@ -345,10 +346,6 @@ def test_a_stopping_server_ends_its_streams_and_refuses_new_requests(tiny_llama_
         late.request("POST", "/v1/completions", body=json.dumps({"prompt": "The fox"}))
         answer = late.getresponse()
         assert answer.status == 503 and "shutting down" in json.loads(answer.read())["error"]["message"]
-    finally:
-        httpd.shutdown()
-        httpd.stop_generating()
-        httpd.server_close()
 
 
 def test_the_page_starts_at_the_servers_defaults(server):
