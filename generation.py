@@ -433,11 +433,12 @@ class Token:
 
 class Batch:
     """Rows being generated together: one left-padded KV cache, each row's attention mask and
-    position, and the logits of each row's next token."""
+    position, and the logits of each row's next token. The prompts go through the model; the
+    tokens after them through `step` when one is given (onnx_decode.DecodeStep), else the model."""
 
     PER_ROW = ("rows", "generators", "history", "produced")  # lists with one entry per row, in batch order
 
-    def __init__(self, model, rows: list[Row]):
+    def __init__(self, model, rows: list[Row], step: Callable | None = None):
         """Run the rows' prompts through the model (reporting the prompt's log-probabilities of
         the rows that echo)."""
         import torch
@@ -449,7 +450,7 @@ class Batch:
         for i, row in enumerate(rows):
             ids[i, width - len(row.prompt_ids) :] = torch.tensor(row.prompt_ids)
             mask[i, width - len(row.prompt_ids) :] = 1
-        self.model, device = model, model.device
+        self.model, self.step, device = model, step, model.device
         self.mask = mask.to(device)
         positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
         self.cache = transformers.DynamicCache(config=model.config)
@@ -488,6 +489,9 @@ class Batch:
 
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
         self.positions = self.positions + 1
+        if self.step is not None:
+            self.logits = self.step(tokens, self.mask, self.positions, self.cache)
+            return
         self.logits = (
             self.model(
                 input_ids=torch.tensor(tokens, device=self.mask.device)[:, None],
@@ -540,6 +544,7 @@ def decode_together(
     stopping: threading.Event | None = None,
     admit: Callable[[int], list[Row]] | None = None,
     max_rows: int | None = None,
+    step: Callable | None = None,
 ) -> None:
     """Generate every row in one left-padded batch sharing one KV cache, until each one ends
     (an end token, its max_new_tokens, its cancel event, or `stopping`). A finished row leaves
@@ -548,14 +553,15 @@ def decode_together(
     `max_rows`, by default the first rows' number, less the rows still going), which are run
     through the model and merged into the batch. Greedy rows get the same tokens as when run alone; sampled rows draw from their own
     seeded generator, so batching does not change them either. Log-probabilities are the
-    model's own (before temperature)."""
+    model's own (before temperature). With `step`, the tokens after the prompts go through it
+    (`Batch`)."""
     import torch
 
     started = list(rows)  # every row this call took on, to hand an error to
     limit = max_rows or len(rows)
     try:
         with torch.inference_mode():
-            batch: Batch | None = Batch(model, rows)
+            batch: Batch | None = Batch(model, rows, step)
             while batch is not None:
                 logprobs = torch.log_softmax(batch.logits, dim=-1)
                 chosen, kept = [], []
@@ -582,7 +588,7 @@ def decode_together(
                         joining = admit(room) if room > 0 else []
                 if joining:
                     started += joining
-                    newcomers = Batch(model, joining)
+                    newcomers = Batch(model, joining, step)
                     if batch is None:
                         batch = newcomers
                     else:

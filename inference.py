@@ -112,6 +112,23 @@ def load_or_explain(
         raise UsageError(f"cannot load {source}: {' '.join(str(error).split())}") from None
 
 
+BACKENDS = ("torch", "onnxruntime")
+
+
+def load_step(model):
+    """The server's decoding step in ONNX Runtime (onnx_decode.py), or a UsageError saying why not."""
+    if model.device.type != "cpu":
+        raise UsageError(f"--backend onnxruntime runs on the CPU; this model is on {model.device.type}")
+    try:
+        import onnx_decode
+    except ImportError as error:
+        raise UsageError(
+            f"--backend onnxruntime needs the onnxruntime, onnx and onnxscript packages ({error}): "
+            "pip install onnxruntime onnx onnxscript"
+        ) from None
+    return onnx_decode.load_decode_step(model)
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line: one instruction, interactive loop, batch over a file
 
@@ -257,6 +274,7 @@ def run_batch(
             "host",
             "generator",
             "dtype",
+            "backend",
         ],
         str,
     )
@@ -281,6 +299,7 @@ def main(
     batch_size: int = 8,
     generator: str | None = None,
     dtype: str = "auto",
+    backend: str = "torch",
 ) -> None:
     """Generate with a fine-tuned model. With --instruction: print the response (streamed). With
     --input_file/--output_file: respond to every record of a file. With --serve: run an HTTP
@@ -312,7 +331,19 @@ def main(
             an x86 CPU keeps its linear layers' weights in float16 and computes in float32 with
             fbgemm's kernel, so a single stream decodes faster than in float32 (outputs differ
             slightly).
+        backend: with --serve on the CPU, what runs the decoding steps after each prompt: torch,
+            or onnxruntime (a float32 model; its step is exported to ONNX the first time, which
+            takes minutes, and cached in $ALPACA_CACHE/onnx; each token then takes about 40% of
+            torch's time). Prompts go through torch either way.
     """
+    if backend not in BACKENDS:
+        raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend}")
+    if backend == "onnxruntime":
+        if not serve:
+            raise UsageError("--backend onnxruntime runs the server's decoding steps: it needs --serve")
+        if dtype not in ("auto", "float32"):
+            raise UsageError(f"--backend onnxruntime runs a float32 model, not --dtype {dtype}")
+        dtype = "float32"
     if serve and (instruction is not None or input_file is not None):
         raise UsageError("--serve takes no --instruction or --input_file")
     if (input_file is None) != (output_file is None):
@@ -334,6 +365,7 @@ def main(
 
         transformers.set_seed(seed)
     model, tokenizer = load_or_explain(model_name_or_path, lora_weights, dtype)
+    step = load_step(model) if backend == "onnxruntime" else None  # exported from the plain layers
     if packed := pack_linear_layers(model):
         print(
             f"{packed} linear layers prepacked for the CPU's matmul kernels (generation.pack_linear_layers)",
@@ -350,7 +382,7 @@ def main(
             num_beams=num_beams,
             repetition_penalty=repetition_penalty,
         )
-        server.run_server(model, tokenizer, name, host, port, max_new_tokens, batch_size, defaults)
+        server.run_server(model, tokenizer, name, host, port, max_new_tokens, batch_size, defaults, step)
     elif input_file is not None:
         run_batch(
             model, tokenizer, records, done, output_file, generator or name, batch_size, max_new_tokens, **decoding

@@ -114,8 +114,16 @@ class Scheduler:
     the model to itself (beam search) is a job of its own, run between batches in the order it
     came. Once `stopping` is set, the rows still waiting end at once and `run` returns."""
 
-    def __init__(self, model, tokenizer, batch_size: int, stopping: threading.Event, thread: bool = True):
-        self.model, self.batch_size, self.stopping = model, batch_size, stopping
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        batch_size: int,
+        stopping: threading.Event,
+        thread: bool = True,
+        step: Callable | None = None,
+    ):
+        self.model, self.batch_size, self.stopping, self.step = model, batch_size, stopping, step
         self.end_ids = end_token_ids(model, tokenizer)[0]
         # Jobs: a list of rows, a (work, future) pair for run_alone, or None to stop.
         self.jobs: queue.Queue = queue.Queue()
@@ -185,7 +193,7 @@ class Scheduler:
                     row.out.put(None)
                 continue
             try:
-                decode_together(self.model, rows, self.end_ids, self.stopping, self.admit, self.batch_size)
+                decode_together(self.model, rows, self.end_ids, self.stopping, self.admit, self.batch_size, self.step)
             except Exception:  # the rows' requests report it; the scheduler goes on
                 traceback.print_exc()
 
@@ -208,9 +216,11 @@ class InferenceServer(ThreadingHTTPServer):
         batch_size: int,
         defaults: dict,
         scheduler_thread: bool = True,
+        step: Callable | None = None,
     ):
         """With `scheduler_thread` False, the model runs on the thread that calls
-        `serve_until_stopped`, and the HTTP on another."""
+        `serve_until_stopped`, and the HTTP on another. With `step` (onnx_decode.DecodeStep), the
+        tokens after the prompts go through it instead of the model."""
         super().__init__(address, RequestHandler)
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
         self.max_new_tokens, self.batch_size, self.defaults = max_new_tokens, batch_size, defaults
@@ -218,7 +228,7 @@ class InferenceServer(ThreadingHTTPServer):
         # The page's fields start at the defaults of the API, this server's flags.
         self.page = render_page(temperature=defaults["temperature"], top_p=defaults["top_p"], max_tokens=max_new_tokens)
         self.stopping = threading.Event()
-        self.scheduler = Scheduler(model, tokenizer, batch_size, self.stopping, thread=scheduler_thread)
+        self.scheduler = Scheduler(model, tokenizer, batch_size, self.stopping, scheduler_thread, step)
         self.busy = threading.Condition()
         self.requests_in_flight = 0
 
@@ -732,12 +742,20 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def run_server(
-    model, tokenizer, model_id: str, host: str, port: int, max_new_tokens: int, batch_size: int, defaults: dict
+    model,
+    tokenizer,
+    model_id: str,
+    host: str,
+    port: int,
+    max_new_tokens: int,
+    batch_size: int,
+    defaults: dict,
+    step: Callable | None = None,
 ) -> None:
     """Serve until Ctrl-C; `defaults` are the decoding flags requests may override."""
     try:
         server = InferenceServer(
-            (host, port), model, tokenizer, model_id, max_new_tokens, batch_size, defaults, scheduler_thread=False
+            (host, port), model, tokenizer, model_id, max_new_tokens, batch_size, defaults, False, step
         )
     except OSError as error:
         raise UsageError(f"cannot listen on {host}:{port}: {error}") from None

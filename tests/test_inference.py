@@ -72,6 +72,22 @@ def test_one_shot_prints_only_the_response(tiny_llama_dir):
     assert result.stdout == expected + "\n"
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--serve", "--backend", "tensorflow"], "--backend must be one of torch, onnxruntime, not tensorflow"),
+        (["--instruction", "Hi.", "--backend", "onnxruntime"], "--backend onnxruntime runs the server's decoding"),
+        (["--serve", "--backend", "onnxruntime", "--dtype", "float16"], "--backend onnxruntime runs a float32 model"),
+    ],
+    ids=["unknown", "not-serving", "not-float32"],
+)
+def test_a_backend_it_cannot_use_is_one_line_at_once(tiny_llama_dir, args, message):
+    started = time.perf_counter()
+    result = run_inference("--model_name_or_path", tiny_llama_dir, *args, check=False)
+    assert the_one_error_line(result).startswith(f"inference.py: error: {message}")
+    assert time.perf_counter() - started < 5  # before the model loads
+
+
 @pytest.mark.slow
 def test_text_flags_stay_text(tiny_llama_dir, tmp_path):
     # fire reads "1,2,3" as a tuple and 2024 as a number unless told the flag is text.

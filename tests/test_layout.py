@@ -19,6 +19,7 @@ SHARED_MODULES = {
     "embedded_model",
     "generation",
     "server",
+    "onnx_decode",
     "model_card",
     "endpoint",
 }
@@ -64,7 +65,7 @@ def loaded_modules(statement: str) -> set[str]:
         ("evaluate", {"torch", "transformers", "peft"}),
         ("train", {"torch", "openai", "peft", "deepspeed"}),
         ("weight_diff", {"torch", "openai", "peft", "deepspeed"}),
-        ("inference", {"torch", "openai", "peft", "deepspeed"}),
+        ("inference", {"torch", "openai", "peft", "deepspeed", "onnxruntime"}),
         ("server", {"torch", "openai", "transformers"}),
         ("generation", {"torch", "openai", "transformers"}),
         ("analyze_data", {"torch", "transformers", "openai"}),

@@ -36,10 +36,10 @@ def tiny(served_dir):
     return load_model_and_tokenizer(str(served_dir))
 
 
-def start_server(model_dir, *flags) -> tuple[subprocess.Popen, str]:
+def start_server(model_dir, *flags, env: dict | None = None) -> tuple[subprocess.Popen, str]:
     """inference.py --serve on a free port, in a subprocess, and its base URL once it serves."""
     command = [sys.executable, str(ROOT / "inference.py"), "--model_name_or_path", model_dir, "--serve", "--port", 0]
-    process = subprocess.Popen(list(map(str, command + list(flags))), stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(list(map(str, command + list(flags))), stderr=subprocess.PIPE, text=True, env=env)
     lines = []
     for line in process.stderr:
         lines.append(line)
@@ -122,13 +122,34 @@ def test_chat_completions_use_the_alpaca_template(client, served_dir):
     assert [m.id for m in client.models.list().data] == [served_dir.name]
 
 
+@pytest.mark.slow
+def test_the_onnxruntime_backend_serves_what_the_model_answers(served_dir, tmp_path):
+    import openai
+
+    env = dict(os.environ, ALPACA_CACHE=str(tmp_path))
+    process, url = start_server(served_dir, "--max_new_tokens", 16, "--backend", "onnxruntime", env=env)
+    threading.Thread(target=lambda: [None for _ in process.stderr], daemon=True).start()
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        for instruction, input in INSTRUCTIONS[:3]:
+            messages = [{"role": "user", "content": instruction}]
+            response = client.chat.completions.create(model="tiny", messages=messages, extra_body={"input": input})
+            assert response.choices[0].message.content == reference_response(served_dir, instruction, input, 16)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert len(list((tmp_path / "onnx").iterdir())) == 1, "the step was exported into $ALPACA_CACHE/onnx"
+
+
 @contextlib.contextmanager
-def in_process_httpd(model, tokenizer, batch_size: int = 8, num_beams: int = 1):
+def in_process_httpd(model, tokenizer, batch_size: int = 8, num_beams: int = 1, step=None):
     """server.InferenceServer on a free port in a thread (no model loading subprocess); yields it."""
     import server as server_module
 
     defaults = dict(temperature=0.0, top_p=1.0, top_k=0, num_beams=num_beams, repetition_penalty=1.0)
-    httpd = server_module.InferenceServer(("127.0.0.1", 0), model, tokenizer, "tiny", 24, batch_size, defaults)
+    httpd = server_module.InferenceServer(
+        ("127.0.0.1", 0), model, tokenizer, "tiny", 24, batch_size, defaults, step=step
+    )
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
         yield httpd
@@ -139,11 +160,11 @@ def in_process_httpd(model, tokenizer, batch_size: int = 8, num_beams: int = 1):
 
 
 @contextlib.contextmanager
-def in_process_server(model, tokenizer, batch_size: int = 8, num_beams: int = 1):
+def in_process_server(model, tokenizer, batch_size: int = 8, num_beams: int = 1, step=None):
     """`in_process_httpd`, yielding an openai client for it."""
     import openai
 
-    with in_process_httpd(model, tokenizer, batch_size, num_beams) as httpd:
+    with in_process_httpd(model, tokenizer, batch_size, num_beams, step) as httpd:
         yield openai.OpenAI(base_url=f"http://127.0.0.1:{httpd.server_port}/v1", api_key="unused", max_retries=0)
 
 
@@ -156,19 +177,25 @@ def skip_without_packing_kernel(dtype: str) -> None:
         pytest.skip("fbgemm, which multiplies float16 weights in float32, does not run on this CPU")
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_concurrent_requests_are_generated_together_with_the_results_they_get_alone(tmp_path, dtype):
+@pytest.mark.parametrize("backend", ["float32", "float16", "onnxruntime"])
+def test_concurrent_requests_are_generated_together_with_the_results_they_get_alone(tmp_path, backend):
     # Weights larger than by default give peaked next-token scores: the near-ties of a random
     # model, which float sums in a batch of another shape may flip, would blur the comparison.
     from generation import pack_linear_layers
     from helpers import build_tiny_llama
 
+    dtype = "float16" if backend == "float16" else "float32"
     skip_without_packing_kernel(dtype)
-    build_tiny_llama(tmp_path, initializer_range=0.3)
-    model, tokenizer = load_model_and_tokenizer(str(tmp_path), dtype=dtype)
+    build_tiny_llama(tmp_path / "model", initializer_range=0.3)
+    model, tokenizer = load_model_and_tokenizer(str(tmp_path / "model"), dtype=dtype)
+    step = None
+    if backend == "onnxruntime":
+        import onnx_decode
+
+        step = onnx_decode.load_decode_step(model, tmp_path / "cache")
     assert pack_linear_layers(model) > 0  # as inference.py serves it
     prompts = [f"The fox number {i}" for i in range(6)] + ["Write a response that", "def add(a, b):"]
-    with in_process_server(model, tokenizer) as client:
+    with in_process_server(model, tokenizer, step=step) as client:
 
         def complete(prompt):
             return client.completions.create(model="tiny", prompt=prompt, max_tokens=24, logprobs=1).choices[0]
