@@ -126,7 +126,13 @@ def load_step(model):
             f"--backend onnxruntime needs the onnxruntime, onnx and onnxscript packages ({error}): "
             "pip install onnxruntime onnx onnxscript"
         ) from None
-    return onnx_decode.load_decode_step(model)
+    try:
+        return onnx_decode.load_decode_step(model)
+    except onnx_decode.ExportError as error:
+        raise UsageError(
+            f"--backend onnxruntime cannot export this model's decoding step to ONNX ({error}); "
+            "serve it with --backend torch"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------

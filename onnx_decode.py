@@ -36,6 +36,10 @@ from embedded_model import default_cache_dir
 FILE = "decode_step.onnx"
 
 
+class ExportError(Exception):
+    """The exporter could not follow this model's forward."""
+
+
 class DecodeStep:
     """An exported decoding step in an ONNX Runtime session. Called with a batch's chosen tokens,
     attention mask, positions and KV cache (a transformers DynamicCache), it grows the cache's
@@ -69,23 +73,27 @@ class DecodeStep:
 def load_decode_step(model: transformers.PreTrainedModel, cache_dir: str | os.PathLike | None = None) -> DecodeStep:
     """The model's decoding step in ONNX Runtime, exported first if the cache has none for it.
     Needs a float32 model on the CPU, with the plain linear layers (before
-    `generation.pack_linear_layers`)."""
+    `generation.pack_linear_layers`). Raises ExportError for a model the exporter cannot follow."""
     if model.device.type != "cpu" or model.dtype != torch.float32:
         raise ValueError(f"the ONNX Runtime step runs a float32 model on the CPU, not {model.dtype} on {model.device}")
     directory = pathlib.Path(cache_dir or default_cache_dir()) / "onnx" / model_key(model)
     if not (directory / FILE).exists():
         print(f"exporting the decoding step to ONNX, once for this model, into {directory}", file=sys.stderr)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        # Exported beside its final place and renamed there whole, so that an interrupted export
-        # leaves no half-written model for the next start to load.
-        scratch = pathlib.Path(tempfile.mkdtemp(prefix=".export-", dir=directory.parent))
-        try:
-            export_decode_step(model, scratch / FILE)
-            if not (directory / FILE).exists():  # another process may have finished it first
-                os.rename(scratch, directory)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+        _export_whole(model, directory)
     return DecodeStep(directory / FILE, torch.get_num_threads())
+
+
+def _export_whole(model: transformers.PreTrainedModel, directory: pathlib.Path) -> None:
+    """Export beside `directory` and rename the export there whole, so that an interrupted export
+    leaves no half-written model for the next start to load."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    scratch = pathlib.Path(tempfile.mkdtemp(prefix=".export-", dir=directory.parent))
+    try:
+        export_decode_step(model, scratch / FILE)
+        if not (directory / FILE).exists():  # another process may have finished it first
+            os.rename(scratch, directory)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def model_key(model: transformers.PreTrainedModel) -> str:
@@ -144,7 +152,7 @@ def export_decode_step(model: transformers.PreTrainedModel, path: pathlib.Path) 
     model.set_attn_implementation("eager")
     try:
         with torch.no_grad(), _exporter_quiet():
-            program = torch.onnx.export(
+            program = _export(
                 StepModule(model).eval(),
                 example,
                 dynamic_shapes=shapes,
@@ -157,6 +165,15 @@ def export_decode_step(model: transformers.PreTrainedModel, path: pathlib.Path) 
     finally:
         model.set_attn_implementation(attention)
     program.save(str(path), external_data=True)
+
+
+def _export(*args, **kwargs):
+    """torch.onnx.export, its errors (which run to pages) cut to their first line."""
+    try:
+        return torch.onnx.export(*args, **kwargs)
+    except Exception as error:
+        reason = (str(error).strip().splitlines() or [""])[0]
+        raise ExportError(f"{type(error).__name__}: {reason}") from error
 
 
 @contextlib.contextmanager

@@ -9,6 +9,9 @@
   requests arrive while others are being generated, as they do from the generator);
 - the single stream again with `--dtype float16` (float16 linear weights, float32 arithmetic),
   against the same baseline; its texts may differ from float32's, and how many do is printed;
+- the single stream and 8 clients vs 1 again with `--backend onnxruntime` (the decoding steps in
+  ONNX Runtime, onnx_decode.py; the first run exports the step, which takes minutes, and says
+  how long), how many texts are those of float32 PyTorch;
 - with a `llama-server` binary on PATH, the ratio of server.py's single streams to it (the same
   model, converted to GGUF by llama.cpp's tools: pass one or more with --gguf).
 
@@ -81,7 +84,7 @@ def client_runs(url: str, runs: list[tuple[list[str], int]], max_tokens: int) ->
     return [clients(url, prompts, max_tokens, concurrency) for prompts, concurrency in runs]
 
 
-def while_serving(model, tokenizer, max_tokens: int, runs: list[tuple[list[str], int]]) -> list:
+def while_serving(model, tokenizer, max_tokens: int, runs: list[tuple[list[str], int]], step=None) -> list:
     """`client_runs` against server.py from a client process of its own (as the generator or
     lm-eval would be), while the server runs its model on this, the main, thread as
     `inference.py --serve` does."""
@@ -89,7 +92,7 @@ def while_serving(model, tokenizer, max_tokens: int, runs: list[tuple[list[str],
 
     defaults = dict(temperature=0.0, top_p=1.0, top_k=0, num_beams=1, repetition_penalty=1.0)
     httpd = InferenceServer(
-        ("127.0.0.1", 0), model, tokenizer, "bench", max_tokens, 8, defaults, scheduler_thread=False
+        ("127.0.0.1", 0), model, tokenizer, "bench", max_tokens, 8, defaults, scheduler_thread=False, step=step
     )
     httpd.RequestHandlerClass.log_message = lambda *a: None
     try:
@@ -112,6 +115,7 @@ def main():
     from embedded_model import embedded_model_path
     from generation import pack_linear_layers, stream_completion
     from inference import load_model_and_tokenizer
+    from onnx_decode import load_decode_step
     from utils import format_prompt
 
     model_dir = embedded_model_path(os.environ.get("ALPACA_CACHE") or str(ROOT / ".cache" / "alpaca"))
@@ -127,13 +131,21 @@ def main():
         baseline_tokens += min(args.max_tokens, len(tokenizer(baseline_texts[-1])["input_ids"]))
     baseline = baseline_tokens / (time.perf_counter() - start)
 
+    start = time.perf_counter()
+    step = load_decode_step(model)  # from the plain layers, as inference.py --backend onnxruntime does
+    step_seconds = time.perf_counter() - start
     packed = pack_linear_layers(model)  # as inference.py does after loading
 
     runs = [(single, 1), (prompts, 1), (prompts, 8)]
     (ours_texts, ours), (one_texts, one), (eight_texts, eight) = while_serving(model, tokenizer, args.max_tokens, runs)
     assert ours_texts == baseline_texts, "server.py's greedy text differs from generate's"
     assert eight_texts == one_texts, "8 concurrent clients got other text than 1 at a time"
-    del model
+    (onnx_texts, onnx), (onnx_one_texts, onnx_one), (onnx_eight_texts, onnx_eight) = while_serving(
+        model, tokenizer, args.max_tokens, runs, step
+    )
+    assert onnx_eight_texts == onnx_one_texts, "with onnxruntime, 8 concurrent clients got other text than 1 at a time"
+    onnx_same = sum(a == b for a, b in zip(onnx_texts + onnx_one_texts, ours_texts + one_texts))
+    del model, step
 
     half_model, _ = load_model_and_tokenizer(model_dir, dtype="float16")
     half_packed = pack_linear_layers(half_model)
@@ -150,8 +162,17 @@ def main():
     print(
         f"serve-concurrent: ratio={eight / one:.2f} (baseline={one:.1f} tok/s with 1 client, ours={eight:.1f} tok/s with 8)"
     )
+    print(
+        f"serve-single-onnxruntime: ratio={onnx / baseline:.2f} (baseline={baseline:.1f} tok/s, ours={onnx:.1f} tok/s "
+        f"with --backend onnxruntime; {onnx_same} of {len(single) + len(prompts)} texts as in float32 PyTorch; "
+        f"the step loaded in {step_seconds:.0f} s)"
+    )
+    print(
+        f"serve-concurrent-onnxruntime: ratio={onnx_eight / onnx_one:.2f} (baseline={onnx_one:.1f} tok/s with 1 client, "
+        f"ours={onnx_eight:.1f} tok/s with 8)"
+    )
     for gguf in args.gguf:
-        llama_server(gguf, args.max_tokens, single, {"float32": ours, "float16": half})
+        llama_server(gguf, args.max_tokens, single, {"float32": ours, "float16": half, "onnxruntime": onnx})
 
 
 def llama_server(gguf: str, max_tokens: int, prompts: list[str], ours: dict[str, float]) -> None:
