@@ -506,9 +506,7 @@ class Batch:
     def can_merge(self) -> bool:
         """Whether rows can join this batch: its cache layers are the plain growing kind (a
         sliding-window layer drops old positions, so padding two of them together is not safe)."""
-        import transformers
-
-        return all(type(layer) is transformers.cache_utils.DynamicLayer for layer in self.cache.layers)
+        return grows_plainly(self.cache)
 
     def merge(self, other: Batch) -> None:
         """Take in another batch's rows: the shorter cache and masks are left-padded (positions
@@ -524,6 +522,14 @@ class Batch:
         self.logits = torch.cat([self.logits, other.logits])
         for name in self.PER_ROW:
             setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+def grows_plainly(cache: transformers.Cache) -> bool:
+    """Whether every layer of a KV cache keeps all positions, one after another (transformers'
+    DynamicLayer), rather than dropping old ones (sliding windows) or keeping a state."""
+    import transformers
+
+    return all(type(layer) is transformers.cache_utils.DynamicLayer for layer in cache.layers)
 
 
 def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import os
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import fire
@@ -115,24 +116,19 @@ def load_or_explain(
 BACKENDS = ("torch", "onnxruntime")
 
 
-def load_step(model):
+def load_step(model: transformers.PreTrainedModel) -> Callable:
     """The server's decoding step in ONNX Runtime (onnx_decode.py), or a UsageError saying why not."""
-    if model.device.type != "cpu":
-        raise UsageError(f"--backend onnxruntime runs on the CPU; this model is on {model.device.type}")
     try:
         import onnx_decode
     except ImportError as error:
         raise UsageError(
-            f"--backend onnxruntime needs the onnxruntime, onnx and onnxscript packages ({error}): "
-            "pip install onnxruntime onnx onnxscript"
+            f"--backend onnxruntime needs the onnxruntime and onnxscript packages ({error}): "
+            "pip install onnxruntime onnxscript"
         ) from None
     try:
         return onnx_decode.load_decode_step(model)
-    except onnx_decode.ExportError as error:
-        raise UsageError(
-            f"--backend onnxruntime cannot export this model's decoding step to ONNX ({error}); "
-            "serve it with --backend torch"
-        ) from None
+    except onnx_decode.StepError as error:
+        raise UsageError(f"--backend onnxruntime: {error}; serve with --backend torch instead") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,12 +32,14 @@ import torch
 import transformers
 
 from embedded_model import default_cache_dir
+from generation import grows_plainly
 
 FILE = "decode_step.onnx"
+FORMAT = "1"  # the step's inputs and outputs as StepModule lays them out: change it with them
 
 
-class ExportError(Exception):
-    """The exporter could not follow this model's forward."""
+class StepError(Exception):
+    """This model's decoding step cannot be exported, or its export cannot be loaded."""
 
 
 class DecodeStep:
@@ -50,7 +52,12 @@ class DecodeStep:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as error:  # a damaged file, or one this onnxruntime cannot read
+            raise StepError(
+                f"cannot load {path} ({_first_line(error)}); delete {path.parent} to export again"
+            ) from error
         self.layers = sum(entry.name.startswith("key_") for entry in self.session.get_inputs())
 
     def __call__(
@@ -73,9 +80,12 @@ class DecodeStep:
 def load_decode_step(model: transformers.PreTrainedModel, cache_dir: str | os.PathLike | None = None) -> DecodeStep:
     """The model's decoding step in ONNX Runtime, exported first if the cache has none for it.
     Needs a float32 model on the CPU, with the plain linear layers (before
-    `generation.pack_linear_layers`). Raises ExportError for a model the exporter cannot follow."""
+    `generation.pack_linear_layers`). Raises StepError for a model it cannot run, or whose export
+    it cannot load."""
     if model.device.type != "cpu" or model.dtype != torch.float32:
-        raise ValueError(f"the ONNX Runtime step runs a float32 model on the CPU, not {model.dtype} on {model.device}")
+        raise StepError(f"it runs a float32 model on the CPU, not {model.dtype} on {model.device}")
+    if not grows_plainly(transformers.DynamicCache(config=model.config)):
+        raise StepError("it runs models whose KV cache keeps every position (no sliding window, no state)")
     directory = pathlib.Path(cache_dir or default_cache_dir()) / "onnx" / model_key(model)
     if not (directory / FILE).exists():
         print(f"exporting the decoding step to ONNX, once for this model, into {directory}", file=sys.stderr)
@@ -90,8 +100,12 @@ def _export_whole(model: transformers.PreTrainedModel, directory: pathlib.Path) 
     scratch = pathlib.Path(tempfile.mkdtemp(prefix=".export-", dir=directory.parent))
     try:
         export_decode_step(model, scratch / FILE)
-        if not (directory / FILE).exists():  # another process may have finished it first
+        os.chmod(scratch, 0o755)  # mkdtemp's 0700 would keep a shared cache from its other users
+        try:
             os.rename(scratch, directory)
+        except OSError:  # another process finished the same export first
+            if not (directory / FILE).exists():
+                raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -100,7 +114,8 @@ def model_key(model: transformers.PreTrainedModel) -> str:
     """A hash of everything the exported step depends on: the weights, the config, and the
     versions of the libraries that export it."""
     digest = hashlib.sha256()
-    for text in (model.config.to_json_string(), torch.__version__, transformers.__version__, onnxscript.__version__):
+    versions = (FORMAT, torch.__version__, transformers.__version__, onnxscript.__version__)
+    for text in (model.config.to_json_string(), *versions):
         digest.update(text.encode())
     for name, tensor in model.state_dict().items():
         digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
@@ -115,7 +130,14 @@ class StepModule(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, position_ids, keys, values):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         cache = transformers.DynamicCache(config=self.model.config)
         for layer, (key, value) in enumerate(zip(keys, values, strict=True)):
             cache.update(key, value, layer)
@@ -126,10 +148,30 @@ class StepModule(torch.nn.Module):
 
 
 def export_decode_step(model: transformers.PreTrainedModel, path: pathlib.Path) -> None:
-    """Export the decoding step to `path` (its weights in a file beside it), any batch size and
-    cache length. The export traces transformers' plain ("eager") attention: the sdpa path
-    decides on a causal mask from the shapes, which the exporter cannot follow."""
-    config = model.config
+    """Export the decoding step to `path` (its weights in a file beside it), for any batch size
+    and cache length."""
+    example, shapes = _example_inputs(model.config)
+    layers = model.config.num_hidden_layers
+    names = ["input_ids", "attention_mask", "position_ids", *(f"key_{i}" for i in range(layers))]
+    names += [f"value_{i}" for i in range(layers)]
+    outputs = ["logits", *(f"next_key_{i}" for i in range(layers)), *(f"next_value_{i}" for i in range(layers))]
+    with torch.no_grad(), _eager_attention(model), _exporter_quiet():
+        program = _export(
+            StepModule(model).eval(),
+            example,
+            dynamic_shapes=shapes,
+            input_names=names,
+            output_names=outputs,
+            dynamo=True,
+            external_data=True,
+            verbose=False,
+        )
+    program.save(str(path), external_data=True)
+
+
+def _example_inputs(config: transformers.PretrainedConfig) -> tuple[tuple, tuple]:
+    """Inputs to trace the step with, and which of their sizes may vary: the rows, and the
+    cached length (the mask is one longer)."""
     layers = config.num_hidden_layers
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -144,27 +186,19 @@ def export_decode_step(model: transformers.PreTrainedModel, path: pathlib.Path) 
     )
     rows, length = torch.export.Dim("rows"), torch.export.Dim("past")
     per_layer = [{0: rows, 2: length}] * layers
-    shapes = ({0: rows}, {0: rows, 1: length + 1}, {0: rows}, per_layer, per_layer)
-    names = ["input_ids", "attention_mask", "position_ids", *(f"key_{i}" for i in range(layers))]
-    names += [f"value_{i}" for i in range(layers)]
-    outputs = ["logits", *(f"next_key_{i}" for i in range(layers)), *(f"next_value_{i}" for i in range(layers))]
+    return example, ({0: rows}, {0: rows, 1: length + 1}, {0: rows}, per_layer, per_layer)
+
+
+@contextlib.contextmanager
+def _eager_attention(model: transformers.PreTrainedModel):
+    """transformers' plain attention while exporting: the sdpa path decides on a causal mask
+    from the shapes, which the exporter cannot follow."""
     attention = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
-        with torch.no_grad(), _exporter_quiet():
-            program = _export(
-                StepModule(model).eval(),
-                example,
-                dynamic_shapes=shapes,
-                input_names=names,
-                output_names=outputs,
-                dynamo=True,
-                external_data=True,
-                verbose=False,
-            )
+        yield
     finally:
         model.set_attn_implementation(attention)
-    program.save(str(path), external_data=True)
 
 
 def _export(*args, **kwargs):
@@ -172,8 +206,11 @@ def _export(*args, **kwargs):
     try:
         return torch.onnx.export(*args, **kwargs)
     except Exception as error:
-        reason = (str(error).strip().splitlines() or [""])[0]
-        raise ExportError(f"{type(error).__name__}: {reason}") from error
+        raise StepError(f"the exporter cannot follow this model ({_first_line(error)})") from error
+
+
+def _first_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
 
 
 @contextlib.contextmanager

@@ -118,7 +118,8 @@ def main():
     from onnx_decode import load_decode_step
     from utils import format_prompt
 
-    model_dir = embedded_model_path(os.environ.get("ALPACA_CACHE") or str(ROOT / ".cache" / "alpaca"))
+    cache_dir = os.environ.get("ALPACA_CACHE") or str(ROOT / ".cache" / "alpaca")
+    model_dir = embedded_model_path(cache_dir)
     model, tokenizer = load_model_and_tokenizer(model_dir)
     prompts = [format_prompt(instruction) for instruction in INSTRUCTIONS]
     single = prompts[: args.single]
@@ -132,7 +133,7 @@ def main():
     baseline = baseline_tokens / (time.perf_counter() - start)
 
     start = time.perf_counter()
-    step = load_decode_step(model)  # from the plain layers, as inference.py --backend onnxruntime does
+    step = load_decode_step(model, cache_dir)  # from the plain layers, as inference.py --backend onnxruntime does
     step_seconds = time.perf_counter() - start
     packed = pack_linear_layers(model)  # as inference.py does after loading
 

@@ -49,6 +49,13 @@ def embedded_model_dir(tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
+def onnx_cache(tmp_path_factory) -> pathlib.Path:
+    """An $ALPACA_CACHE for onnx_decode's exports, shared by the tests so that one model's step,
+    which takes seconds to export, is exported once."""
+    return tmp_path_factory.mktemp("onnx_cache")
+
+
+@pytest.fixture(scope="session")
 def served_dir(tmp_path_factory) -> pathlib.Path:
     """The tiny model with a 4096-token context (generate_instruction.py's prompts take about
     1,500 tokens of the tiny tokenizer) and a tokenizer like SmolLM2's: no beginning-of-sequence

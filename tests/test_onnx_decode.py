@@ -2,6 +2,8 @@
 (inference.py --serve --backend onnxruntime), on a tiny LLaMA model built here. The server's
 use of it is in test_server.py."""
 
+import copy
+
 import pytest
 import torch
 
@@ -14,14 +16,13 @@ PROMPTS = ["The fox number 1", "def add(a, b):", "Hi"]
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, onnx_cache):
     """A tiny model with large weights (peaked next-token scores), its tokenizer, the cache
     directory its step was exported into, and the step."""
     directory = tmp_path_factory.mktemp("peaked")
     build_tiny_llama(directory, initializer_range=0.3)
     model, tokenizer = load_model_and_tokenizer(str(directory), dtype="float32")
-    cache = tmp_path_factory.mktemp("alpaca_cache")
-    return model, tokenizer, cache, onnx_decode.load_decode_step(model, cache)
+    return model, tokenizer, onnx_cache, onnx_decode.load_decode_step(model, onnx_cache)
 
 
 def rows(tokenizer) -> list[Row]:
@@ -79,13 +80,17 @@ def test_rows_that_join_mid_batch_get_the_models_tokens_through_the_step(exporte
     assert tokens_of(joining) == tokens_of(alone)
 
 
-def test_the_export_is_kept_and_used_again_for_the_same_weights_only(exported):
+def test_the_export_is_kept_and_used_again_for_the_same_weights_only(exported, monkeypatch):
     model, _, cache, _ = exported
-    [kept] = (cache / "onnx").iterdir()  # no scratch directory left behind
-    assert kept.name == onnx_decode.model_key(model)
-    written = (kept / onnx_decode.FILE).stat().st_mtime_ns
+    kept = cache / "onnx" / onnx_decode.model_key(model)
+    assert (kept / onnx_decode.FILE).exists()
+    assert not [p for p in (cache / "onnx").iterdir() if p.name.startswith(".")], "no scratch directory left"
+
+    def export_again(*args):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(onnx_decode, "export_decode_step", export_again)
     onnx_decode.load_decode_step(model, cache)
-    assert list((cache / "onnx").iterdir()) == [kept] and (kept / onnx_decode.FILE).stat().st_mtime_ns == written
     weight = model.lm_head.weight
     original = weight[0, 0].item()
     with torch.no_grad():
@@ -98,8 +103,25 @@ def test_the_export_is_kept_and_used_again_for_the_same_weights_only(exported):
 
 
 def test_a_model_it_cannot_run_is_refused_with_the_reason(exported, tmp_path):
+    import transformers
+
     model, *_ = exported
-    with pytest.raises(ValueError, match="float32 model on the CPU, not torch.float16"):
-        onnx_decode.load_decode_step(model.to(torch.float16), tmp_path)
-    model.to(torch.float32)
+    with pytest.raises(onnx_decode.StepError, match="float32 model on the CPU, not torch.float16"):
+        onnx_decode.load_decode_step(copy.deepcopy(model).half(), tmp_path)
+    config = transformers.MistralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=8,
+    )  # fmt: skip
+    windowed = transformers.MistralForCausalLM(config).eval()
+    with pytest.raises(onnx_decode.StepError, match="KV cache keeps every position"):
+        onnx_decode.load_decode_step(windowed, tmp_path)
     assert not (tmp_path / "onnx").exists()
+
+
+def test_a_damaged_export_is_named_with_what_to_do(exported, tmp_path):
+    model, *_ = exported
+    directory = tmp_path / "onnx" / onnx_decode.model_key(model)
+    directory.mkdir(parents=True)
+    (directory / onnx_decode.FILE).write_bytes(b"not an onnx model")
+    with pytest.raises(onnx_decode.StepError, match=f"cannot load .*; delete {directory} to export again"):
+        onnx_decode.load_decode_step(model, tmp_path)

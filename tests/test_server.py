@@ -177,22 +177,22 @@ def skip_without_packing_kernel(dtype: str) -> None:
         pytest.skip("fbgemm, which multiplies float16 weights in float32, does not run on this CPU")
 
 
-@pytest.mark.parametrize("backend", ["float32", "float16", "onnxruntime"])
-def test_concurrent_requests_are_generated_together_with_the_results_they_get_alone(tmp_path, backend):
+@pytest.mark.parametrize("serving", ["float32", "float16", "onnxruntime"])
+def test_concurrent_requests_are_generated_together_with_the_results_they_get_alone(tmp_path, onnx_cache, serving):
     # Weights larger than by default give peaked next-token scores: the near-ties of a random
     # model, which float sums in a batch of another shape may flip, would blur the comparison.
     from generation import pack_linear_layers
     from helpers import build_tiny_llama
 
-    dtype = "float16" if backend == "float16" else "float32"
+    dtype = "float16" if serving == "float16" else "float32"
     skip_without_packing_kernel(dtype)
     build_tiny_llama(tmp_path / "model", initializer_range=0.3)
     model, tokenizer = load_model_and_tokenizer(str(tmp_path / "model"), dtype=dtype)
     step = None
-    if backend == "onnxruntime":
+    if serving == "onnxruntime":  # test_onnx_decode.py's model too: the same weights, exported once
         import onnx_decode
 
-        step = onnx_decode.load_decode_step(model, tmp_path / "cache")
+        step = onnx_decode.load_decode_step(model, onnx_cache)
     assert pack_linear_layers(model) > 0  # as inference.py serves it
     prompts = [f"The fox number {i}" for i in range(6)] + ["Write a response that", "def add(a, b):"]
     with in_process_server(model, tokenizer, step=step) as client:
