@@ -4,8 +4,8 @@
 PyTorch runs a decoding step as about 1,500 small operations, each with the interpreter's and
 the dispatcher's overhead, and its matrix-vector products read the weights at about 10 GB/s on
 this project's 2-core sandbox. ONNX Runtime runs the same step as one graph, with products that
-read them at nearly the memory's bandwidth: 34 ms a token instead of 88 ms for the embedded
-SmolLM2-135M (docs/inference.md#throughput).
+read them at nearly the memory's bandwidth: 34 to 41 ms a token (growing with the cache)
+instead of 88 ms for the embedded SmolLM2-135M (docs/inference.md#throughput).
 
 The step (one new token per row: its id, the attention mask, its position and each layer's
 cached keys and values in; the logits of the next token and the grown keys and values out) is
