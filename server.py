@@ -755,7 +755,15 @@ def run_server(
     """Serve until Ctrl-C; `defaults` are the decoding flags requests may override."""
     try:
         server = InferenceServer(
-            (host, port), model, tokenizer, model_id, max_new_tokens, batch_size, defaults, False, step
+            (host, port),
+            model,
+            tokenizer,
+            model_id,
+            max_new_tokens,
+            batch_size,
+            defaults,
+            scheduler_thread=False,
+            step=step,
         )
     except OSError as error:
         raise UsageError(f"cannot listen on {host}:{port}: {error}") from None

@@ -1,10 +1,12 @@
 """Plain helpers shared by the tests (import them with `from helpers import ...`): the
 repository root, access to the reference data in ../shared/data (skipped, or failed under
-ALPACA_REQUIRE_SHARED=1, when it is absent), and tiny LLaMA-architecture models and tokenizers
-built at test time. The fixtures are in conftest.py."""
+ALPACA_REQUIRE_SHARED=1, when it is absent), draining a server subprocess's stderr, and tiny
+LLaMA-architecture models and tokenizers built at test time. The fixtures are in conftest.py."""
 
 import os
 import pathlib
+import subprocess
+import threading
 
 import pytest
 
@@ -44,6 +46,12 @@ def shared_file(relative: str) -> pathlib.Path:
             pytest.fail(message + " and ALPACA_REQUIRE_SHARED=1")
         pytest.skip(message)
     return path
+
+
+def drain_stderr(process: subprocess.Popen) -> None:
+    """Keep reading a server's stderr (its request logs) in the background, so that it never
+    blocks on a full pipe."""
+    threading.Thread(target=lambda: [None for _ in process.stderr], daemon=True).start()
 
 
 def build_tiny_tokenizer(directory: pathlib.Path, vocab_size: int = 400):

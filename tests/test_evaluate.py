@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -16,7 +15,7 @@ import pytest
 
 import endpoint
 import evaluate
-from helpers import ROOT
+from helpers import ROOT, drain_stderr
 from openai_server import OpenAIServer, judged_pair
 from utils import UsageError
 
@@ -330,7 +329,7 @@ def test_end_to_end_with_inference_serve_as_the_judge(tiny_llama_dir, pair_files
                 url = line.split(" on ")[1].split()[0].rstrip("/")
                 break
         assert url, "the server did not start"
-        threading.Thread(target=lambda: [None for _ in process.stderr], daemon=True).start()
+        drain_stderr(process)
         result = subprocess.run(
             [
                 sys.executable, str(ROOT / "evaluate.py"), "win_rate", "--model_outputs", pair_files[0],

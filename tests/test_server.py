@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from generation import complete_batch
-from helpers import INSTRUCTIONS, ROOT, reference_response
+from helpers import INSTRUCTIONS, ROOT, drain_stderr, reference_response
 from inference import load_model_and_tokenizer
 
 
@@ -53,9 +53,7 @@ def server(served_dir):
     """inference.py --serve on a free port, in a subprocess; yields its base URL. Its decoding
     flags are the web page's initial values."""
     process, url = start_server(served_dir, "--max_new_tokens", 16, "--temperature", 0, "--top_p", 0.95)
-    # Keep reading stderr (request logs) so the server never blocks on a full pipe.
-    drain = threading.Thread(target=lambda: [None for _ in process.stderr], daemon=True)
-    drain.start()
+    drain_stderr(process)
     yield url
     process.terminate()
     process.wait(timeout=30)
@@ -128,7 +126,7 @@ def test_the_onnxruntime_backend_serves_what_the_model_answers(served_dir, tmp_p
 
     env = dict(os.environ, ALPACA_CACHE=str(tmp_path))
     process, url = start_server(served_dir, "--max_new_tokens", 16, "--backend", "onnxruntime", env=env)
-    threading.Thread(target=lambda: [None for _ in process.stderr], daemon=True).start()
+    drain_stderr(process)
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
         for instruction, input in INSTRUCTIONS[:3]:
@@ -709,7 +707,7 @@ def one_client_session(url: str, number: int) -> list[str]:
 def test_under_load_no_5xx_no_deadlock_and_memory_flat(served_dir):
     # 216 requests from 32 clients, a third of them dropped mid-stream; all 32 may share a batch.
     process, url = start_server(served_dir, "--max_new_tokens", 16, "--batch_size", 32)
-    threading.Thread(target=lambda: [None for _ in process.stderr], daemon=True).start()
+    drain_stderr(process)
     try:
         with ThreadPoolExecutor(32) as pool:
             assert sum(pool.map(lambda n: one_client_session(url, n), range(32)), []) == []
